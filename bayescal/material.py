@@ -1,0 +1,211 @@
+"""Built-in uniaxial viscoplastic models and the strain-controlled backward Euler residual.
+
+A model is one small class: the rate of its internal state at fixed total strain and the
+Jacobian of that rate (:meth:`MaterialModel.rate`). Everything else (the backward Euler
+residual, its block Jacobian, pyzag's chunked Newton and adjoint) is shared.
+
+The state vector of every built-in model is expressed in MPa (stress first), so a single
+residual norm never mixes units.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import ClassVar, Mapping, Sequence
+
+import torch
+from pyzag.nonlinear import ChunkOp, NonlinearFunctionOperatorFactory
+from pyzag.ode import DenseODEWrapper
+
+Params = Mapping[str, torch.Tensor]
+
+
+def _stack(items: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Stack broadcastable tensors along a new last dimension."""
+    return torch.stack(torch.broadcast_tensors(*items), dim=-1)
+
+
+def _stack_jacobian(rows: Sequence[Sequence[torch.Tensor]]) -> torch.Tensor:
+    """Stack a nested list of broadcastable tensors into (..., n, n)."""
+    return torch.stack(torch.broadcast_tensors(*[_stack(row) for row in rows]), dim=-2)
+
+
+class MaterialModel(ABC):
+    """A uniaxial strain-controlled model: ``dx/dt = rate(x) + coupling * d(strain)/dt``.
+
+    Subclasses set ``name``, ``parameters``, ``state_names`` (stress first) and implement
+    :meth:`rate`. Parameters arrive as tensors broadcastable against ``state[..., 0]``.
+    """
+
+    name: ClassVar[str]
+    parameters: ClassVar[tuple[str, ...]]
+    state_names: ClassVar[tuple[str, ...]]
+    summary: ClassVar[str] = ""
+
+    @property
+    def n_state(self) -> int:
+        return len(self.state_names)
+
+    @abstractmethod
+    def rate(self, state: torch.Tensor, p: Params) -> tuple[torch.Tensor, torch.Tensor]:
+        """State rate at fixed total strain and its Jacobian ``d rate / d state``.
+
+        ``state`` has shape ``(..., n_state)``; returns ``(..., n_state)`` and
+        ``(..., n_state, n_state)``.
+        """
+
+    def strain_coupling(self, p: Params, like: torch.Tensor) -> torch.Tensor:
+        """``d(state rate) / d(strain rate)``: Young's modulus on the stress component."""
+        E = torch.as_tensor(p["E"], dtype=like.dtype, device=like.device)
+        out = torch.zeros(torch.broadcast_shapes(E.shape, like.shape[:-1]) + (self.n_state,),
+                          dtype=like.dtype, device=like.device)
+        out[..., 0] = E
+        return out
+
+    @staticmethod
+    def stress(state: torch.Tensor) -> torch.Tensor:
+        """Stress (MPa) from a state tensor."""
+        return state[..., 0]
+
+
+def _power_flow(f: torch.Tensor, eta: torch.Tensor, n: torch.Tensor):
+    """Perzyna flow ``<f/eta>^n`` and its derivative with respect to f."""
+    active = f > 0
+    ratio = torch.where(active, f / eta, torch.zeros_like(f))
+    p_dot = torch.where(active, ratio**n, torch.zeros_like(f))
+    dp_df = torch.where(active, n / eta * ratio ** (n - 1), torch.zeros_like(f))
+    return p_dot, dp_df
+
+
+class PerzynaVoce(MaterialModel):
+    """Elastic-viscoplastic with Voce isotropic hardening; state (sigma, R)."""
+
+    name = "perzyna-voce"
+    parameters = ("E", "sy", "Rinf", "d", "eta", "n")
+    state_names = ("stress", "R")
+    summary = "Perzyna overstress flow, Voce isotropic hardening"
+
+    def rate(self, state, p):
+        sigma, R = state[..., 0], state[..., 1]
+        sign = torch.sign(sigma)
+        f = sigma.abs() - (p["sy"] + R)
+        p_dot, q = _power_flow(f, p["eta"], p["n"])
+        E, d, Rinf = p["E"], p["d"], p["Rinf"]
+        h = d * (Rinf - R)
+        rate = _stack([-E * p_dot * sign, h * p_dot])
+        jac = _stack_jacobian([
+            [-E * q, E * q * sign],
+            [h * q * sign, -d * p_dot - h * q],
+        ])
+        return rate, jac
+
+
+class Chaboche(MaterialModel):
+    """Perzyna-Voce plus one Armstrong-Frederick backstress; state (sigma, R, X)."""
+
+    name = "chaboche"
+    parameters = ("E", "sy", "Rinf", "d", "C", "g", "eta", "n")
+    state_names = ("stress", "R", "X")
+    summary = "Perzyna flow, Voce isotropic + Armstrong-Frederick kinematic hardening"
+
+    def rate(self, state, p):
+        sigma, R, X = state[..., 0], state[..., 1], state[..., 2]
+        sign = torch.sign(sigma - X)
+        f = (sigma - X).abs() - (p["sy"] + R)
+        p_dot, q = _power_flow(f, p["eta"], p["n"])
+        E, d, Rinf, C, g = p["E"], p["d"], p["Rinf"], p["C"], p["g"]
+        h = d * (Rinf - R)
+        k = C * sign - g * X  # X rate per unit p_dot
+        rate = _stack([-E * p_dot * sign, h * p_dot, k * p_dot])
+        jac = _stack_jacobian([
+            [-E * q, E * q * sign, E * q],
+            [h * q * sign, -d * p_dot - h * q, -h * q * sign],
+            [k * q * sign, -k * q, -k * q * sign - g * p_dot],
+        ])
+        return rate, jac
+
+
+class VoceJC(MaterialModel):
+    """Voce hardening with a Johnson-Cook-type rate law as a flow rule; state (sigma, R)."""
+
+    name = "voce-jc"
+    parameters = ("E", "sy", "Rinf", "d", "C", "eps0")
+    state_names = ("stress", "R")
+    summary = "Johnson-Cook-type logarithmic rate sensitivity, Voce isotropic hardening"
+
+    def rate(self, state, p):
+        sigma, R = state[..., 0], state[..., 1]
+        sign = torch.sign(sigma)
+        E, d, Rinf, C, eps0 = p["E"], p["d"], p["Rinf"], p["C"], p["eps0"]
+        flow = p["sy"] + R
+        f = sigma.abs() / flow - 1.0
+        active = f > 0
+        expo = torch.exp(torch.where(active, f, torch.zeros_like(f)) / C)
+        p_dot = eps0 * (expo - 1.0)
+        dp_df = torch.where(active, eps0 / C * expo, torch.zeros_like(f))
+        df_dsigma = sign / flow
+        df_dR = -sigma.abs() / flow**2
+        h = d * (Rinf - R)
+        rate = _stack([-E * p_dot * sign, h * p_dot])
+        jac = _stack_jacobian([
+            [-E * dp_df * df_dsigma * sign, -E * dp_df * df_dR * sign],
+            [h * dp_df * df_dsigma, -d * p_dot + h * dp_df * df_dR],
+        ])
+        return rate, jac
+
+
+MODELS: dict[str, type[MaterialModel]] = {
+    cls.name: cls for cls in (PerzynaVoce, Chaboche, VoceJC)
+}
+
+
+def get_model(name: str) -> MaterialModel:
+    """Instantiate a built-in model by name."""
+    return MODELS[name]()
+
+
+class StrainControlledResidual(torch.nn.Module, NonlinearFunctionOperatorFactory):
+    """pyzag factory for the backward Euler residual of a strain-controlled model.
+
+    ``R_k = x_k - x_{k-1} - dt_k rate(x_k) - coupling * (strain_k - strain_{k-1})``.
+    Forces are ``(time, strain)``, each of shape ``(step, batch, 1)``. Parameter tensors are
+    held as attributes; those that require grad are listed in ``converted_params`` so that
+    :func:`pyzag.nonlinear.solve_adjoint` differentiates with respect to them.
+    """
+
+    def __init__(self, model: MaterialModel, params: Params) -> None:
+        super().__init__()
+        self.model = model
+        self.converted_params = [key for key, value in params.items() if value.requires_grad]
+        for key, value in params.items():
+            setattr(self, key, value)
+        self._wrapper = DenseODEWrapper()
+
+    @property
+    def lookback(self) -> int:
+        return 1
+
+    @property
+    def wrapper(self):
+        return self._wrapper
+
+    def params(self) -> dict[str, torch.Tensor]:
+        """The parameter tensors, by name."""
+        return {key: getattr(self, key) for key in self.model.parameters}
+
+    def evaluate_raw(self, x_full, forces):
+        time, strain = forces
+        dt = torch.diff(time, dim=0)
+        dstrain = torch.diff(strain, dim=0)
+        x_new = x_full[1:]
+        p = self.params()
+        rate, jac = self.model.rate(x_new, p)
+        coupling = self.model.strain_coupling(p, x_new)
+        R = x_new - x_full[:-1] - dt * rate - dstrain * coupling
+        eye = torch.eye(x_full.shape[-1], dtype=x_full.dtype, device=x_full.device)
+        diag = eye - dt[..., None] * jac
+        sub = -eye.expand_as(diag)
+        return R, self.wrapper.wrap_jacobian(diag, sub)
+
+    def make_operator(self, prev_solution, forces, inverse_operator):
+        return ChunkOp(self, prev_solution, forces, inverse_operator)
