@@ -24,6 +24,7 @@ from typing import Mapping
 
 import torch
 from pyzag import chunktime, nonlinear
+from pyzag.operators.dense import DenseBlockVector
 
 from bayescal.material import MaterialModel, StrainControlledResidual
 
@@ -139,6 +140,31 @@ def broadcast_params(model: MaterialModel, params: Mapping[str, torch.Tensor | f
     }
 
 
+class SmallBlockThomas(chunktime.BidiagonalInverseOperator):
+    """Block forward substitution for the small blocks of material models.
+
+    pyzag's generic Thomas solve wraps every block in operator objects and LU-solves it;
+    for blocks of 2-3 states that bookkeeping dominates the cost. This inverts all diagonal
+    blocks in one batched call and substitutes on raw tensors. A singular block gives
+    non-finite values, which the retrying solver detects.
+    """
+
+    def __init__(self, A, B, *args, **kwargs) -> None:
+        super().__init__(A, B, *args, **kwargs)
+        self.A_inv = torch.linalg.inv_ex(A.data)[0]
+        self.B_data = B.data
+
+    def matvec(self, v):
+        rhs = v.data.unsqueeze(-1)
+        out = torch.empty_like(rhs)
+        x = self.A_inv[0] @ rhs[0]
+        out[0] = x
+        for k in range(1, self.nblk):
+            x = self.A_inv[k] @ (rhs[k] - self.B_data[k - 1] @ x)
+            out[k] = x
+        return DenseBlockVector(out.squeeze(-1))
+
+
 class _RetryingSolver(nonlinear.RecursiveNonlinearEquationSolver):
     """pyzag's chunked solver, re-solving failed chunks in halves down to single steps."""
 
@@ -150,6 +176,7 @@ class _RetryingSolver(nonlinear.RecursiveNonlinearEquationSolver):
                 options.n_chunk, first_block_size=options.first_chunk if options.n_chunk > 1 else 0
             ),
             predictor=PREDICTORS[options.predictor](),
+            direct_solve_operator=SmallBlockThomas,
             nonlinear_solver=chunktime.ChunkNewtonRaphson(
                 rtol=options.rtol, atol=options.atol, miter=options.max_iterations,
                 record_failed=True,

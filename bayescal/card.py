@@ -1,0 +1,263 @@
+"""Model cards: the TOML file naming a material model, its parameters, priors and solver settings.
+
+Every problem in a card is reported as a :class:`~bayescal.errors.BadInput` with one line
+naming the file and the table; unknown keys are errors so that typos never pass silently.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bayescal.errors import BadInput
+from bayescal.material import MODELS
+
+VARIES = ("specimen", "shared")
+BACKENDS = ("builtin", "neml2")
+_TABLES = ("model", "solver", "parameters", "noise")
+
+
+@dataclass(frozen=True)
+class ParameterSpec:
+    """One material parameter: fixed at ``value``, or calibrated within ``bounds``.
+
+    ``prior`` is (centre, sd) of the population mean in physical units; ``varies`` is
+    "specimen", "shared" or "fixed"; ``spread`` is the prior scale of the specimen-to-specimen
+    coefficient of variation. A calibrated parameter may carry an initial ``value``.
+    """
+
+    name: str
+    value: float | None
+    bounds: tuple[float, float] | None
+    prior: tuple[float, float] | None
+    varies: str
+    spread: float = 0.1
+
+    @property
+    def is_fixed(self) -> bool:
+        return self.varies == "fixed"
+
+
+@dataclass(frozen=True)
+class SolverSpec:
+    """Time integration: steps solved together, sub-steps per recorded interval, tolerances."""
+
+    n_chunk: int = 20
+    substeps: int = 4
+    rtol: float = 1e-8
+    atol: float = 1e-8
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A loaded model card. ``parameters`` are in the model's parameter order."""
+
+    model: str
+    backend: str
+    file: Path | None
+    system: str | None
+    solver: SolverSpec
+    parameters: dict[str, ParameterSpec]
+    path: Path
+    noise_prior_scale: float = 10.0
+
+    @property
+    def calibrated(self) -> tuple[str, ...]:
+        return tuple(n for n, p in self.parameters.items() if not p.is_fixed)
+
+    @property
+    def varying(self) -> tuple[str, ...]:
+        return tuple(n for n, p in self.parameters.items() if p.varies == "specimen")
+
+    @property
+    def shared(self) -> tuple[str, ...]:
+        return tuple(n for n, p in self.parameters.items() if p.varies == "shared")
+
+    @property
+    def fixed(self) -> tuple[str, ...]:
+        return tuple(n for n, p in self.parameters.items() if p.is_fixed)
+
+
+def load_card(path: str | os.PathLike) -> ModelSpec:
+    """Read and validate a model card."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            card = tomllib.load(f)
+    except FileNotFoundError:
+        raise BadInput(f"{path}: file not found") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise BadInput(f"{path}: invalid TOML: {exc}") from None
+    except OSError as exc:
+        raise BadInput(f"{path}: cannot read: {exc}") from None
+
+    unknown = [name for name in card if name not in _TABLES]
+    if unknown:
+        raise BadInput(f"{path}: unknown table {', '.join(f'[{n}]' for n in unknown)} "
+                       f"(allowed: {', '.join(f'[{n}]' for n in _TABLES)})")
+    if "model" not in card:
+        raise BadInput(f"{path}: missing [model] table")
+
+    model = _Table(path, "model", card["model"], ("name", "backend", "file", "system"))
+    backend = model.string("backend", "builtin")
+    if backend not in BACKENDS:
+        raise model.error(f"backend {backend!r} must be one of {', '.join(map(repr, BACKENDS))}")
+    parameters = _Table(path, "parameters", card.get("parameters", {}), allowed=None)
+    if backend == "builtin":
+        name, file, system, names = _builtin(model, parameters)
+    else:
+        name, file, system, names = _neml2(model, parameters)
+
+    solver = _Table(path, "solver", card.get("solver", {}), ("n_chunk", "substeps", "rtol", "atol"))
+    noise = _Table(path, "noise", card.get("noise", {}), ("prior_scale",))
+    defaults = SolverSpec()
+    return ModelSpec(
+        model=name,
+        backend=backend,
+        file=file,
+        system=system,
+        solver=SolverSpec(
+            n_chunk=solver.integer("n_chunk", defaults.n_chunk),
+            substeps=solver.integer("substeps", defaults.substeps),
+            rtol=solver.positive("rtol", defaults.rtol),
+            atol=solver.positive("atol", defaults.atol),
+        ),
+        parameters={n: _parameter(path, n, parameters.data[n]) for n in names},
+        path=path,
+        noise_prior_scale=noise.positive("prior_scale", ModelSpec.noise_prior_scale),
+    )
+
+
+def _builtin(model: _Table, parameters: _Table) -> tuple[str, None, None, tuple[str, ...]]:
+    """Model name and parameter names of a built-in model card."""
+    known = ", ".join(sorted(MODELS))
+    for key in ("file", "system"):
+        if key in model.data:
+            raise model.error(f"{key} applies only to backend = 'neml2'")
+    name = model.string("name")
+    if name is None:
+        raise model.error(f"missing name (built-in models: {known})")
+    if name not in MODELS:
+        raise model.error(f"unknown model {name!r} (built-in models: {known})")
+    names = MODELS[name].parameters
+    for given in parameters.data:
+        if given not in names:
+            raise BadInput(f"{model.path}: [parameters.{given}] unknown parameter for {name} "
+                           f"(parameters: {', '.join(names)})")
+    for needed in names:
+        if needed not in parameters.data:
+            raise BadInput(f"{model.path}: [parameters.{needed}] missing: every parameter of "
+                           f"{name} needs at least a value")
+    return name, None, None, names
+
+
+def _neml2(model: _Table, parameters: _Table) -> tuple[str, Path, str, tuple[str, ...]]:
+    """Input file, system name and parameter names of a NEML2 card."""
+    name = model.string("name", "neml2")
+    if name != "neml2":
+        raise model.error(f"name {name!r} conflicts with backend = 'neml2' (omit name)")
+    file = model.string("file")
+    if file is None:
+        raise model.error("backend = 'neml2' needs file (the NEML2 input file)")
+    resolved = model.path.parent / file
+    if not resolved.is_file():
+        raise model.error(f"file {file!r} not found (looked for {resolved})")
+    return "neml2", resolved, model.string("system", "eq_sys"), tuple(parameters.data)
+
+
+def _parameter(path: Path, name: str, data: Any) -> ParameterSpec:
+    """Validate one ``[parameters.NAME]`` table."""
+    table = _Table(path, f"parameters.{name}", data, ("value", "bounds", "prior", "varies", "spread"))
+    value = table.number("value")
+    bounds = table.pair("bounds")
+    prior = table.pair("prior")
+    if bounds is None and prior is None:
+        if value is None:
+            raise table.error("needs value (fixed) or bounds and prior (calibrated)")
+        for key in ("varies", "spread"):
+            if key in table.data:
+                raise table.error(f"{key} applies only to a calibrated parameter "
+                                  "(give bounds and prior)")
+        return ParameterSpec(name, value, None, None, "fixed")
+    if bounds is None or prior is None:
+        raise table.error("a calibrated parameter needs both bounds and prior "
+                          "(a fixed one only value)")
+    lo, hi = bounds
+    centre, sd = prior
+    if not lo < hi:
+        raise table.error(f"bounds [{lo!r}, {hi!r}] must be increasing")
+    if not lo < centre < hi:
+        raise table.error(f"prior centre {centre!r} is not inside bounds [{lo!r}, {hi!r}]")
+    if not sd > 0:
+        raise table.error(f"prior sd must be positive, got {sd!r}")
+    if value is not None and not lo < value < hi:
+        raise table.error(f"value {value!r} is not inside bounds [{lo!r}, {hi!r}]")
+    varies = table.string("varies", "specimen")
+    if varies not in VARIES:
+        raise table.error(f"varies {varies!r} must be 'specimen' or 'shared'")
+    return ParameterSpec(name, value, bounds, prior, varies, table.positive("spread", 0.1))
+
+
+@dataclass
+class _Table:
+    """One TOML table under validation; errors name the file and the table."""
+
+    path: Path
+    name: str
+    data: Any
+    allowed: tuple[str, ...] | None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.data, dict):
+            raise self.error(f"must be a table, got {self.data!r}")
+        unknown = [key for key in self.data if self.allowed is not None and key not in self.allowed]
+        if unknown:
+            raise self.error(f"unknown key {', '.join(map(repr, unknown))} "
+                             f"(allowed: {', '.join(self.allowed)})")
+
+    def error(self, message: str) -> BadInput:
+        return BadInput(f"{self.path}: [{self.name}] {message}")
+
+    def string(self, key: str, default: str | None = None) -> str | None:
+        raw = self.data.get(key, default)
+        if raw is not None and not isinstance(raw, str):
+            raise self.error(f"{key} must be a string, got {raw!r}")
+        return raw
+
+    def number(self, key: str, default: float | None = None) -> float | None:
+        raw = self.data.get(key, default)
+        if raw is None:
+            return None
+        if not _is_finite_number(raw):
+            raise self.error(f"{key} must be a finite number, got {raw!r}")
+        return float(raw)
+
+    def positive(self, key: str, default: float) -> float:
+        value = self.number(key, default)
+        if not value > 0:
+            raise self.error(f"{key} must be positive, got {value!r}")
+        return value
+
+    def integer(self, key: str, default: int) -> int:
+        raw = self.data.get(key, default)
+        if isinstance(raw, bool) or not isinstance(raw, int):
+            raise self.error(f"{key} must be an integer, got {raw!r}")
+        if raw < 1:
+            raise self.error(f"{key} must be at least 1, got {raw!r}")
+        return raw
+
+    def pair(self, key: str) -> tuple[float, float] | None:
+        raw = self.data.get(key)
+        if raw is None:
+            return None
+        if not (isinstance(raw, list) and len(raw) == 2 and all(map(_is_finite_number, raw))):
+            raise self.error(f"{key} must be two finite numbers, got {raw!r}")
+        return float(raw[0]), float(raw[1])
+
+
+def _is_finite_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)

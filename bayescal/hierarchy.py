@@ -1,0 +1,203 @@
+"""The hierarchical Pyro model: population -> specimen parameters -> simulate -> likelihood.
+
+Each calibrated parameter lives in an unconstrained space through a smooth bijection onto its
+bounds, ``P = lo + (hi - lo) * sigmoid(z)``. For a parameter that varies by specimen:
+
+* population location ``z_pop ~ Normal(z(centre), sd / P'(z(centre)))`` (the card's prior on
+  the population mean, matched at its centre),
+* coefficient of variation ``cv ~ HalfNormal(spread)``, giving a scale in z of
+  ``tau = cv * P(z_pop) / P'(z_pop)``,
+* specimen values ``z_i = z_pop + tau * offset_i`` with ``offset_i ~ Normal(0, 1)``
+  (non-centered, the default) or ``z_i ~ Normal(z_pop, tau)`` (centered).
+
+A shared parameter has one ``z ~ Normal(z(centre), sd / P'(z(centre)))``. Measurement noise
+``noise_sd ~ HalfNormal(prior_scale)``; stress ~ Normal(simulated stress, noise_sd) at the
+recorded points, masked where padded. The population mean and sd in physical units
+(``P_pop_mean``, ``P_pop_sd``) are moments of the logistic-normal population, computed by
+Gauss-Hermite quadrature.
+
+The model is a plain function of the data; it knows no file formats. It broadcasts over any
+leading batch dimensions that Pyro adds (vectorised particles, predictive draws), so that all
+draws and specimens go through one batched solve.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import pyro
+import pyro.distributions as dist
+import torch
+
+from bayescal.card import ModelSpec
+from bayescal.data import Experiments
+from bayescal.material import MaterialModel, get_model
+from bayescal.simulate import Grid, SolverOptions, SolveReport, integrate, refine
+
+
+class SolverFailure(RuntimeError):
+    """The material model could not be integrated for some specimens of a batch."""
+
+    def __init__(self, report: SolveReport) -> None:
+        super().__init__(f"the solver failed for {report.n_failed} of "
+                         f"{report.failed.numel()} simulated specimens")
+        self.report = report
+
+
+@dataclass(frozen=True)
+class Bounded:
+    """Smooth bijection from the real line onto ``(lo, hi)``."""
+
+    lo: float
+    hi: float
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.lo + (self.hi - self.lo) * torch.sigmoid(z)
+
+    def inverse(self, value) -> torch.Tensor:
+        u = (torch.as_tensor(value, dtype=torch.float64) - self.lo) / (self.hi - self.lo)
+        return torch.logit(u.clamp(1e-12, 1 - 1e-12))
+
+    def slope(self, z: torch.Tensor) -> torch.Tensor:
+        s = torch.sigmoid(z)
+        return (self.hi - self.lo) * s * (1 - s)
+
+
+_GH_NODES, _GH_WEIGHTS = np.polynomial.hermite_e.hermegauss(32)
+
+
+def population_moments(transform: Bounded, z_pop: torch.Tensor, tau: torch.Tensor):
+    """Mean and sd of ``transform(z_pop + tau * N(0, 1))`` by Gauss-Hermite quadrature."""
+    nodes = torch.as_tensor(_GH_NODES, dtype=z_pop.dtype, device=z_pop.device)
+    weights = torch.as_tensor(_GH_WEIGHTS / math.sqrt(2 * math.pi), dtype=z_pop.dtype,
+                              device=z_pop.device)
+    values = transform.forward(z_pop[..., None] + tau[..., None] * nodes)
+    mean = (weights * values).sum(-1)
+    var = (weights * (values - mean[..., None]) ** 2).sum(-1)
+    return mean, var.clamp_min(0).sqrt()
+
+
+class Hierarchy:
+    """A card turned into the Pyro model for one set of experiments.
+
+    Call the instance as the Pyro model. ``observed=False`` leaves stress unobserved (for
+    simulation and posterior-predictive draws).
+    """
+
+    def __init__(self, spec: ModelSpec, experiments: Experiments,
+                 options: SolverOptions | None = None, centered: bool = False) -> None:
+        self.spec = spec
+        self.model: MaterialModel = get_model(spec.model)
+        self.experiments = experiments
+        self.options = options or solver_options(spec)
+        self.centered = centered
+        self.transforms = {name: Bounded(*spec.parameters[name].bounds) for name in spec.calibrated}
+        self.grid = refine(experiments.time, experiments.strain, self.options)
+        self.last_report: SolveReport | None = None
+
+    # -- priors -----------------------------------------------------------------------
+    def prior_z(self, name: str) -> dist.Normal:
+        """Normal prior in z for a population location (or a shared value)."""
+        p = self.spec.parameters[name]
+        t = self.transforms[name]
+        centre, sd = p.prior
+        z0 = t.inverse(centre)
+        return dist.Normal(z0, sd / t.slope(z0))
+
+    def specimen_scale(self, name: str, z_pop: torch.Tensor, cv: torch.Tensor) -> torch.Tensor:
+        """Scale in z of the specimen distribution for a coefficient of variation ``cv``."""
+        t = self.transforms[name]
+        return cv * t.forward(z_pop) / t.slope(z_pop)
+
+    # -- the model --------------------------------------------------------------------
+    def sample_parameters(self, plate: pyro.plate) -> dict[str, torch.Tensor]:
+        """Sample every parameter; returns physical values.
+
+        Global sites have shape ``()`` or, under Pyro's vectorised plates, ``(..., 1)``: either
+        way they broadcast against the specimen plate at dim -1.
+        """
+        values: dict[str, torch.Tensor] = {}
+        for name in self.spec.shared:
+            z = pyro.sample(f"{name}_z", self.prior_z(name))
+            values[name] = self.transforms[name].forward(z)
+        pops = {}
+        for name in self.spec.varying:
+            z_pop = pyro.sample(f"{name}_pop_z", self.prior_z(name))
+            cv = pyro.sample(f"{name}_cv", dist.HalfNormal(
+                torch.tensor(self.spec.parameters[name].spread, dtype=torch.float64)))
+            pops[name] = (z_pop, self.specimen_scale(name, z_pop, cv))
+        with plate:
+            for name, (z_pop, tau) in pops.items():
+                if self.centered:
+                    z = pyro.sample(f"{name}_z", dist.Normal(z_pop, tau))
+                else:
+                    offset = pyro.sample(f"{name}_offset", dist.Normal(
+                        torch.zeros((), dtype=torch.float64), 1.0))
+                    z = z_pop + tau * offset
+                values[name] = self.transforms[name].forward(z)
+        return values
+
+    def simulate(self, values: dict[str, torch.Tensor], adjoint: bool = True) -> torch.Tensor:
+        """Stress at recorded points, shape (..., specimen, step), for physical parameter values
+        (batched over any leading dimensions). Raises :class:`SolverFailure`."""
+        n_spec = self.experiments.n_specimens
+        params = {name: torch.as_tensor(p.value, dtype=torch.float64)
+                  for name, p in self.spec.parameters.items() if p.is_fixed}
+        batch = torch.broadcast_shapes((n_spec,), *(v.shape for v in values.values()))
+        flat = {name: v.expand(batch).reshape(-1) for name, v in values.items()}
+        params.update(flat)
+        n_total = int(np.prod(batch))
+        grid = self.grid
+        reps = n_total // n_spec
+        batched = Grid(grid.time.repeat(1, reps), grid.strain.repeat(1, reps), grid.recorded)
+        states, report = integrate(self.model, params, batched, self.options, adjoint=adjoint)
+        self.last_report = report
+        if report.n_failed:
+            raise SolverFailure(report)
+        stress = self.model.stress(states[grid.recorded])  # (step, n_total)
+        return stress.T.reshape(*batch, -1)
+
+    def __call__(self, observed: bool = True):
+        plate = pyro.plate("specimen", self.experiments.n_specimens, dim=-1)
+        values = self.sample_parameters(plate)
+        noise = pyro.sample("noise_sd", dist.HalfNormal(
+            torch.tensor(self.spec.noise_prior_scale, dtype=torch.float64)))
+        stress = self.simulate(values)
+        exp = self.experiments
+        obs = torch.nan_to_num(exp.stress.T) if observed else None
+        with plate:
+            pyro.sample("stress", dist.Normal(stress, noise[..., None]).mask(exp.mask.T)
+                        .to_event(1), obs=obs)
+        return values
+
+
+def solver_options(spec: ModelSpec) -> SolverOptions:
+    """The solver options a card asks for."""
+    s = spec.solver
+    return SolverOptions(n_chunk=s.n_chunk, substeps=s.substeps, rtol=s.rtol, atol=s.atol)
+
+
+def draw_specimens(spec: ModelSpec, n: int, seed: int) -> dict[str, torch.Tensor]:
+    """Draw ``n`` specimens' physical parameters from the card's prior population.
+
+    The population sits at the prior centres with a coefficient of variation equal to each
+    parameter's ``spread`` (logistic-normal within the bounds, as in the model); shared
+    parameters take their prior centre and fixed ones their value.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    values = {}
+    for name, p in spec.parameters.items():
+        if p.is_fixed:
+            values[name] = torch.full((n,), p.value, dtype=torch.float64)
+            continue
+        t = Bounded(*p.bounds)
+        z0 = t.inverse(p.prior[0])
+        if p.varies == "shared":
+            values[name] = t.forward(z0).expand(n).clone()
+            continue
+        tau = p.spread * t.forward(z0) / t.slope(z0)
+        offsets = torch.randn(n, generator=generator, dtype=torch.float64)
+        values[name] = t.forward(z0 + tau * offsets)
+    return values
