@@ -15,6 +15,7 @@ from typing import Any
 
 from bayescal.errors import BadInput
 from bayescal.material import MODELS
+from bayescal.simulate import SolverOptions
 
 VARIES = ("specimen", "shared")
 BACKENDS = ("builtin", "neml2")
@@ -43,16 +44,6 @@ class ParameterSpec:
 
 
 @dataclass(frozen=True)
-class SolverSpec:
-    """Time integration: steps solved together, sub-steps per recorded interval, tolerances."""
-
-    n_chunk: int = 20
-    substeps: int = 4
-    rtol: float = 1e-8
-    atol: float = 1e-8
-
-
-@dataclass(frozen=True)
 class ModelSpec:
     """A loaded model card. ``parameters`` are in the model's parameter order."""
 
@@ -60,7 +51,7 @@ class ModelSpec:
     backend: str
     file: Path | None
     system: str | None
-    solver: SolverSpec
+    solver: SolverOptions
     parameters: dict[str, ParameterSpec]
     path: Path
     noise_prior_scale: float = 10.0
@@ -112,17 +103,19 @@ def load_card(path: str | os.PathLike) -> ModelSpec:
     else:
         name, file, system, names = _neml2(model, parameters)
 
-    solver = _Table(path, "solver", card.get("solver", {}), ("n_chunk", "substeps", "rtol", "atol"))
+    solver = _Table(path, "solver", card.get("solver", {}),
+                    ("n_chunk", "substeps", "transient_substeps", "rtol", "atol"))
     noise = _Table(path, "noise", card.get("noise", {}), ("prior_scale",))
-    defaults = SolverSpec()
+    defaults = SolverOptions()
     return ModelSpec(
         model=name,
         backend=backend,
         file=file,
         system=system,
-        solver=SolverSpec(
+        solver=SolverOptions(
             n_chunk=solver.integer("n_chunk", defaults.n_chunk),
             substeps=solver.integer("substeps", defaults.substeps),
+            transient_substeps=solver.integer("transient_substeps", defaults.transient_substeps),
             rtol=solver.positive("rtol", defaults.rtol),
             atol=solver.positive("atol", defaults.atol),
         ),

@@ -91,7 +91,7 @@ class Hierarchy:
         self.spec = spec
         self.model: MaterialModel = get_model(spec.model)
         self.experiments = experiments
-        self.options = options or solver_options(spec)
+        self.options = options or spec.solver
         self.centered = centered
         self.transforms = {name: Bounded(*spec.parameters[name].bounds) for name in spec.calibrated}
         self.grid = refine(experiments.time, experiments.strain, self.options)
@@ -171,12 +171,6 @@ class Hierarchy:
             pyro.sample("stress", dist.Normal(stress, noise[..., None]).mask(exp.mask.T)
                         .to_event(1), obs=obs)
         return values
-
-
-def solver_options(spec: ModelSpec) -> SolverOptions:
-    """The solver options a card asks for."""
-    s = spec.solver
-    return SolverOptions(n_chunk=s.n_chunk, substeps=s.substeps, rtol=s.rtol, atol=s.atol)
 
 
 def draw_specimens(spec: ModelSpec, n: int, seed: int) -> dict[str, torch.Tensor]:

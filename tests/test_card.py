@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from bayescal.card import ModelSpec, ParameterSpec, SolverSpec, load_card
+from bayescal.card import ModelSpec, ParameterSpec, load_card
+from bayescal.simulate import SolverOptions
 from bayescal.errors import BadInput
 
 MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
@@ -79,7 +80,7 @@ def test_base_card(tmp_path):
     assert isinstance(spec, ModelSpec)
     assert (spec.model, spec.backend, spec.file, spec.system) == ("perzyna-voce", "builtin", None, None)
     assert spec.path == path
-    assert spec.solver == SolverSpec(n_chunk=10, substeps=2, rtol=1e-6, atol=1e-9)
+    assert spec.solver == SolverOptions(n_chunk=10, substeps=2, rtol=1e-6, atol=1e-9)
     assert spec.noise_prior_scale == 5.0
     assert list(spec.parameters) == ["E", "sy", "Rinf", "d", "eta", "n"]
     assert spec.parameters["E"] == ParameterSpec("E", 200000.0, None, None, "fixed", 0.1)
@@ -107,7 +108,7 @@ def test_solver_and_noise_default(tmp_path):
     text = edit("[noise]\nprior_scale = 5.0\n", "")
     text = edit("[solver]\nn_chunk = 10\nsubsteps = 2\nrtol = 1e-6\natol = 1e-9\n", "", text)
     spec = load_card(write(tmp_path, text))
-    assert spec.solver == SolverSpec(n_chunk=20, substeps=4, rtol=1e-8, atol=1e-8)
+    assert spec.solver == SolverOptions(n_chunk=20, substeps=4, rtol=1e-8, atol=1e-8)
     assert spec.noise_prior_scale == 10.0
 
 
@@ -122,7 +123,7 @@ def test_shipped_cards(name, calibrated, varying, shared, fixed):
     assert spec.model == name and spec.backend == "builtin"
     assert (spec.calibrated, spec.varying, spec.shared, spec.fixed) == (calibrated, varying, shared, fixed)
     assert spec.parameters["E"].value == 200000.0
-    assert spec.solver == SolverSpec(n_chunk=20, substeps=4, rtol=1e-8, atol=1e-8)
+    assert spec.solver == SolverOptions(n_chunk=20, substeps=4, rtol=1e-8, atol=1e-8)
     assert spec.noise_prior_scale == 10.0
     assert all(spec.parameters[p].spread == 0.1 for p in varying)
     assert MODELS_DIR.joinpath(f"{name}.toml").read_text().startswith("# ")
@@ -362,7 +363,7 @@ def test_noise_prior_scale_positive(tmp_path, value):
     ('name = "perzyna-voce"', 'name = "perzyna-voce"\nnmae = "x"',
      "[model] unknown key 'nmae' (allowed: name, backend, file, system)"),
     ("n_chunk = 10", "n_chunk = 10\nnchunk = 5\nsub_steps = 2",
-     "[solver] unknown key 'nchunk', 'sub_steps' (allowed: n_chunk, substeps, rtol, atol)"),
+     "[solver] unknown key 'nchunk', 'sub_steps' (allowed: n_chunk, substeps, transient_substeps, rtol, atol)"),
     ("prior_scale = 5.0", "prior_scale = 5.0\nscale = 1.0",
      "[noise] unknown key 'scale' (allowed: prior_scale)"),
     ("spread = 0.2", "sprad = 0.2",
