@@ -30,6 +30,7 @@ import numpy as np
 import pyro
 import pyro.distributions as dist
 import torch
+from pyro import poutine
 
 from bayescal.card import ModelSpec
 from bayescal.data import Experiments
@@ -139,9 +140,11 @@ class Hierarchy:
                 values[name] = self.transforms[name].forward(z)
         return values
 
-    def simulate(self, values: dict[str, torch.Tensor], adjoint: bool = True) -> torch.Tensor:
+    def simulate(self, values: dict[str, torch.Tensor], adjoint: bool = True,
+                 strict: bool = True) -> torch.Tensor:
         """Stress at recorded points, shape (..., specimen, step), for physical parameter values
-        (batched over any leading dimensions). Raises :class:`SolverFailure`."""
+        (batched over any leading dimensions). A failed solve raises :class:`SolverFailure`
+        when ``strict``, else leaves NaN (see ``last_report``)."""
         n_spec = self.experiments.n_specimens
         params = {name: torch.as_tensor(p.value, dtype=torch.float64)
                   for name, p in self.spec.parameters.items() if p.is_fixed}
@@ -154,10 +157,32 @@ class Hierarchy:
         batched = Grid(grid.time.repeat(1, reps), grid.strain.repeat(1, reps), grid.recorded)
         states, report = integrate(self.model, params, batched, self.options, adjoint=adjoint)
         self.last_report = report
-        if report.n_failed:
+        if report.n_failed and strict:
             raise SolverFailure(report)
         stress = self.model.stress(states[grid.recorded])  # (step, n_total)
         return stress.T.reshape(*batch, -1)
+
+    def predict(self, latents: dict[str, torch.Tensor]):
+        """Physical parameters and noise-free stress ``(draw, specimen, step)`` for a batch of
+        latent draws (leading dim = draw), in one batched solve (no autograd)."""
+        d = next(iter(latents.values())).shape[0]
+        shaped = {k: v.reshape(d, 1) if v.dim() == 1 else v for k, v in latents.items()}
+        with torch.no_grad(), pyro.plate("draws", d, dim=-2), poutine.condition(data=shaped):
+            values = self.sample_parameters(pyro.plate("specimen", self.experiments.n_specimens,
+                                                       dim=-1))
+            stress = self.simulate(values, adjoint=False, strict=False)
+        values = {k: v.squeeze(-1) if v.shape[-1] == 1 else v for k, v in values.items()}
+        return values, stress
+
+    def population(self, latents: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``P_pop_mean`` and ``P_pop_sd`` (physical units) of every varying parameter."""
+        out = {}
+        for name in self.spec.varying:
+            z_pop, cv = latents[f"{name}_pop_z"], latents[f"{name}_cv"]
+            mean, sd = population_moments(self.transforms[name], z_pop,
+                                          self.specimen_scale(name, z_pop, cv))
+            out[f"{name}_pop_mean"], out[f"{name}_pop_sd"] = mean, sd
+        return out
 
     def __call__(self, observed: bool = True):
         plate = pyro.plate("specimen", self.experiments.n_specimens, dim=-1)

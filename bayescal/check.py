@@ -1,0 +1,415 @@
+"""Model verification and synthetic data: library functions that return numbers, no printing.
+
+:func:`check_model` runs four checks of a model card on a load path (by default the
+:func:`informative_path`), each a :class:`CheckResult`:
+
+``jacobian``
+    the analytic block Jacobian of the backward Euler residual against autograd, at the
+    states of a solved trajectory (largest entry error relative to the largest entry of its
+    row of the block, over all blocks);
+``adjoint-gradient``
+    pyzag's chunked adjoint gradient of a scalar loss (a weighted sum of stress at the
+    recorded points) with respect to every calibrated parameter, against central finite
+    differences (largest relative error over the parameters);
+``chunking``
+    the card's ``n_chunk`` against a sequential solve (``n_chunk = 1``): largest stress
+    difference relative to the largest stress;
+``integration``
+    the card's sub-steps against a grid four times finer, at the recorded points: rms and
+    largest difference in MPa.
+
+Parameters are the prior centres of the calibrated parameters and the values of the fixed
+ones (:func:`check_parameters`). :func:`simulate_experiments` draws specimens from a card's
+prior population and simulates synthetic data on a load path (``bayescal simulate``).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import tempfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+
+from bayescal.card import ModelSpec
+from bayescal.data import Experiments, read_load_path, write_experiments
+from bayescal.errors import BadInput
+from bayescal.hierarchy import SolverFailure, draw_specimens
+from bayescal.material import MaterialModel, StrainControlledResidual, get_model
+from bayescal.simulate import SolverOptions, broadcast_params, integrate, refine, simulate
+
+#: Pass thresholds of the checks, by check name (module level so that tests can tighten them).
+TOLERANCES: dict[str, float] = {
+    "jacobian": 1e-6,            # relative
+    "adjoint-gradient": 1e-5,    # relative
+    "chunking": 1e-6,            # relative to the largest stress
+    "integration": 0.5,          # MPa, rms at the recorded points
+}
+#: Newton tolerances of the solves of the adjoint-gradient check.
+GRADIENT_TOLERANCE = 1e-11
+#: Relative step of the central finite differences.
+FD_STEP = 1e-6
+#: Refinement factor of the reference grid of the integration check.
+FINER = 4
+
+#: The informative load path: (duration s, end strain) of each segment, from zero strain:
+#: 1e-3/s to 1.5 %, 1e-1/s to 3 %, hold 50 s, unload at -1e-2/s to 2.7 %, reload at 1e-2/s
+#: to 4.5 %.
+INFORMATIVE_SEGMENTS: tuple[tuple[float, float], ...] = (
+    (15.0, 0.015),
+    (0.15, 0.03),
+    (50.0, 0.03),
+    (0.3, 0.027),
+    (1.8, 0.045),
+)
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """One check: its ``value`` passes when it is at most ``tolerance``."""
+
+    name: str
+    value: float
+    tolerance: float
+    passed: bool
+    detail: str
+
+
+def informative_path(points_per_segment: int = 30) -> tuple[torch.Tensor, torch.Tensor]:
+    """The informative load path: two strain rates, a relaxation hold, an unload and a
+    reload (:data:`INFORMATIVE_SEGMENTS`), ``points_per_segment`` recorded intervals per
+    segment, from zero. Returns ``time``, ``strain`` of shape ``(n,)`` (float64)."""
+    if points_per_segment < 1:
+        raise BadInput(f"points_per_segment must be at least 1, got {points_per_segment}")
+    times, strains = [torch.zeros(1, dtype=torch.float64)], [torch.zeros(1, dtype=torch.float64)]
+    t0, e0 = 0.0, 0.0
+    u = torch.linspace(0.0, 1.0, points_per_segment + 1, dtype=torch.float64)[1:]
+    for duration, e1 in INFORMATIVE_SEGMENTS:
+        times.append(t0 + u * duration)
+        strains.append(e0 + u * (e1 - e0))
+        t0, e0 = t0 + duration, e1
+    return torch.cat(times), torch.cat(strains)
+
+
+def check_parameters(spec: ModelSpec) -> dict[str, float]:
+    """The parameters the checks run at: prior centres, or the value of a fixed parameter."""
+    return {name: (p.value if p.is_fixed else p.prior[0]) for name, p in spec.parameters.items()}
+
+
+def _require_builtin(spec: ModelSpec) -> MaterialModel:
+    if spec.backend == "neml2":
+        raise BadInput(f"{spec.path}: [model] backend = 'neml2': the neml2 backend is not "
+                       "available yet")
+    return get_model(spec.model)
+
+
+@dataclass(frozen=True)
+class _Load:
+    """A recorded path on the compute device: ``time``, ``strain``, ``mask`` ``(n_rec, batch)``."""
+
+    time: torch.Tensor
+    strain: torch.Tensor
+    mask: torch.Tensor
+
+    @property
+    def batch(self) -> int:
+        return self.time.shape[1]
+
+
+def _load(load: Experiments | None, device: torch.device) -> _Load:
+    if load is None:
+        time, strain = informative_path()
+        time, strain = time[:, None], strain[:, None]
+        mask = torch.ones_like(time, dtype=torch.bool)
+    else:
+        time, strain, mask = load.time, load.strain, load.mask
+    return _Load(time.to(device, torch.float64), strain.to(device, torch.float64), mask.to(device))
+
+
+def _tensors(params: Mapping[str, float], like: torch.Tensor,
+             grad: Sequence[str] = ()) -> dict[str, torch.Tensor]:
+    return {name: torch.tensor(value, dtype=like.dtype, device=like.device,
+                               requires_grad=name in grad)
+            for name, value in params.items()}
+
+
+def _failed(name: str, report, tolerance: float, what: str) -> CheckResult:
+    return CheckResult(name, float("nan"), tolerance, False,
+                       f"the solver failed ({what}) for path(s) {report.failed_indices()}")
+
+
+# ------------------------------------------------------------------------------- the checks
+
+
+def check_jacobian(model: MaterialModel, params: Mapping[str, float], load: _Load,
+                   options: SolverOptions) -> CheckResult:
+    """Analytic residual Jacobian against autograd at the states of a solved trajectory."""
+    name, tol = "jacobian", TOLERANCES["jacobian"]
+    grid = refine(load.time, load.strain, options)
+    states, report = integrate(model, _tensors(params, load.time), grid, options, adjoint=False)
+    if report.n_failed:
+        return _failed(name, report, tol, "trajectory")
+    steps, batch, n = states.shape[0] - 1, states.shape[1], states.shape[2]
+    # every step is its own one-step problem, so d R / d x_new and d R / d x_prev separate
+    x_prev = states[:-1].reshape(1, steps * batch, n).detach().requires_grad_()
+    x_new = states[1:].reshape(1, steps * batch, n).detach().requires_grad_()
+    pair = lambda x: torch.stack([x[:-1], x[1:]]).reshape(2, steps * batch, 1)  # noqa: E731
+    p = broadcast_params(model, _tensors(params, load.time), batch, load.time)
+    factory = StrainControlledResidual(model, {k: v.repeat(steps) for k, v in p.items()})
+    R, J = factory.evaluate_raw(torch.cat([x_prev, x_new]), (pair(grid.time), pair(grid.strain)))
+    auto_diag = torch.empty_like(J.diag)
+    auto_sub = torch.empty_like(J.diag)
+    for i in range(n):
+        g_prev, g_new = torch.autograd.grad(R[..., i].sum(), (x_prev, x_new), retain_graph=True)
+        auto_diag[..., i, :] = g_new
+        auto_sub[..., i, :] = g_prev
+    errors = []
+    for analytic, auto in ((J.diag, auto_diag), (J.sub.expand_as(auto_sub), auto_sub)):
+        scale = auto.abs().amax(dim=-1, keepdim=True).clamp_min(torch.finfo(auto.dtype).tiny)
+        errors.append(((analytic.detach() - auto).abs() / scale).amax())
+    value = float(torch.stack(errors).max())
+    eye = torch.eye(n, dtype=J.diag.dtype, device=J.diag.device)
+    inelastic = int(((J.diag.detach() - eye).abs().amax(dim=(-2, -1)) > 0).sum())
+    detail = (f"{steps} steps x {batch} path(s), {inelastic} of {steps * batch} diagonal blocks "
+              "inelastic; error relative to the largest entry of each block row")
+    return CheckResult(name, value, tol, value <= tol, detail)
+
+
+def _weights(load: _Load) -> torch.Tensor:
+    """Loss weights at the recorded points (zero where padded)."""
+    w = torch.linspace(0.5, 1.5, load.time.shape[0], dtype=load.time.dtype, device=load.time.device)
+    return w[:, None] * load.mask
+
+
+def check_adjoint(model: MaterialModel, params: Mapping[str, float], calibrated: Sequence[str],
+                  load: _Load, options: SolverOptions) -> CheckResult:
+    """Adjoint gradient of ``sum(w * stress)`` against central finite differences."""
+    name, tol = "adjoint-gradient", TOLERANCES["adjoint-gradient"]
+    if not calibrated:
+        return CheckResult(name, 0.0, tol, True, "no calibrated parameters: nothing to check")
+    tight = replace(options, rtol=GRADIENT_TOLERANCE, atol=GRADIENT_TOLERANCE)
+    w = _weights(load)
+    p = _tensors(params, load.time, grad=calibrated)
+    stress, report = simulate(model, p, load.time, load.strain, tight)
+    if report.n_failed:
+        return _failed(name, report, tol, "adjoint solve")
+    loss = (w * torch.where(load.mask, stress, 0.0)).sum()
+    loss.backward()
+    adjoint = torch.stack([p[k].grad for k in calibrated]).detach()
+
+    # finite differences: every perturbation is a block of paths in one batched solve, in the
+    # order +h, -h, +2h, -2h for each parameter, then the unperturbed parameters
+    offsets = (1.0, -1.0, 2.0, -2.0)
+    n_pert, batch = len(offsets) * len(calibrated) + 1, load.batch
+    perturbed = {k: torch.full((n_pert, batch), float(v), dtype=load.time.dtype,
+                               device=load.time.device) for k, v in params.items()}
+    h = torch.tensor([FD_STEP * (abs(params[k]) or 1.0) for k in calibrated],
+                     dtype=load.time.dtype, device=load.time.device)
+    for i, k in enumerate(calibrated):
+        for j, a in enumerate(offsets):
+            perturbed[k][len(offsets) * i + j] += a * float(h[i])
+    stress, report = simulate(model, {k: v.reshape(-1) for k, v in perturbed.items()},
+                              load.time.repeat(1, n_pert), load.strain.repeat(1, n_pert), tight,
+                              adjoint=False)
+    if report.n_failed:
+        return _failed(name, report, tol, "finite-difference solves")
+    losses = (w.repeat(1, n_pert) * torch.where(load.mask.repeat(1, n_pert), stress, 0.0))
+    losses = losses.reshape(-1, n_pert, batch).sum(dim=(0, 2))
+    base, f = losses[-1], losses[:-1].reshape(len(calibrated), len(offsets))
+    central = (f[:, 0] - f[:, 1]) / (2 * h)
+    # second-order one-sided differences, for a loss with a kink at (or within 2h of) the point
+    right = (-3 * base + 4 * f[:, 0] - f[:, 2]) / (2 * h)
+    left = (3 * base - 4 * f[:, 1] + f[:, 3]) / (2 * h)
+    # a parameter that the loss does not depend on is compared on the scale of the loss
+    floor = 1e-12 * float(loss.detach().abs()) / torch.tensor(
+        [abs(params[k]) or 1.0 for k in calibrated], dtype=h.dtype, device=h.device)
+    scale = torch.maximum(adjoint.abs(), floor)
+    rel = (central - adjoint).abs() / scale
+    kink = (right - left).abs() / scale > tol
+    one_sided = torch.minimum((right - adjoint).abs(), (left - adjoint).abs()) / scale
+    rel = torch.where(kink, one_sided, rel)
+    value = float(rel.max())
+    per = ", ".join(f"{k} {float(r):.1e}" + (" (kink: one-sided)" if bool(c) else "")
+                    for k, r, c in zip(calibrated, rel, kink))
+    detail = (f"relative error by parameter: {per}; central differences, step {FD_STEP:g} "
+              f"relative, solves at rtol = atol = {GRADIENT_TOLERANCE:g}")
+    return CheckResult(name, value, tol, value <= tol, detail)
+
+
+def check_chunking(model: MaterialModel, params: Mapping[str, float], load: _Load,
+                   options: SolverOptions) -> CheckResult:
+    """Stress with the card's ``n_chunk`` against a sequential solve."""
+    name, tol = "chunking", TOLERANCES["chunking"]
+    p = _tensors(params, load.time)
+    chunked, report = simulate(model, p, load.time, load.strain, options, adjoint=False)
+    if report.n_failed:
+        return _failed(name, report, tol, f"n_chunk = {options.n_chunk}")
+    sequential, report = simulate(model, p, load.time, load.strain,
+                                  replace(options, n_chunk=1), adjoint=False)
+    if report.n_failed:
+        return _failed(name, report, tol, "n_chunk = 1")
+    diff = float((chunked - sequential).abs()[load.mask].max())
+    peak = float(sequential.abs()[load.mask].max())
+    value = diff / peak if peak > 0 else diff
+    detail = (f"n_chunk = {options.n_chunk} vs 1: max |difference| {diff:.3g} MPa, "
+              f"max |stress| {peak:.4g} MPa")
+    return CheckResult(name, value, tol, value <= tol, detail)
+
+
+def check_integration(model: MaterialModel, params: Mapping[str, float], load: _Load,
+                      options: SolverOptions) -> CheckResult:
+    """The card's sub-steps against a grid :data:`FINER` times finer, at the recorded points."""
+    name, tol = "integration", TOLERANCES["integration"]
+    p = _tensors(params, load.time)
+    card, report = simulate(model, p, load.time, load.strain, options, adjoint=False)
+    if report.n_failed:
+        return _failed(name, report, tol, "card grid")
+    fine_options = replace(options, substeps=FINER * options.substeps,
+                           transient_substeps=FINER * options.transient_substeps)
+    fine, report = simulate(model, p, load.time, load.strain, fine_options, adjoint=False)
+    if report.n_failed:
+        return _failed(name, report, tol, "finer grid")
+    diff = (card - fine)[load.mask]
+    rms = float(diff.square().mean().sqrt())
+    worst = float(diff.abs().max())
+    detail = (f"rms {rms:.3g} MPa, max {worst:.3g} MPa at {diff.numel()} recorded points "
+              f"(substeps {options.substeps}/{options.transient_substeps} vs "
+              f"{fine_options.substeps}/{fine_options.transient_substeps})")
+    return CheckResult(name, rms, tol, rms <= tol, detail)
+
+
+def check_model(spec: ModelSpec, load: Experiments | None = None,
+                device: str | torch.device = "cpu") -> list[CheckResult]:
+    """Run every check of a card's model on ``load`` (default: :func:`informative_path`) at
+    :func:`check_parameters`. Raises :class:`BadInput` for a NEML2 card (not available yet)."""
+    model = _require_builtin(spec)
+    path = _load(load, torch.device(device))
+    params = check_parameters(spec)
+    options = spec.solver
+    return [
+        check_jacobian(model, params, path, options),
+        check_adjoint(model, params, spec.calibrated, path, options),
+        check_chunking(model, params, path, options),
+        check_integration(model, params, path, options),
+    ]
+
+
+# --------------------------------------------------------------------------- synthetic data
+
+
+@dataclass(frozen=True)
+class Synthetic:
+    """Synthetic data and the physical parameters of its specimens (``(specimen,)`` each,
+    in the model's parameter order)."""
+
+    experiments: Experiments
+    parameters: dict[str, torch.Tensor]
+
+
+def specimen_ids(n: int) -> tuple[str, ...]:
+    """``S001``, ``S002``, ... for ``n`` specimens."""
+    return tuple(f"S{i:03d}" for i in range(1, n + 1))
+
+
+def _has_specimen_column(path: str | os.PathLike) -> bool:
+    """Whether a (validated) CSV file's header names a ``specimen`` column."""
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        for row in csv.reader(f):
+            if any(cell.strip() for cell in row):
+                return "specimen" in (cell.strip() for cell in row)
+    return False
+
+
+def read_simulation_load(path: str | os.PathLike, n_specimens: int | None = None) -> Experiments:
+    """The load path of ``bayescal simulate``: one path per id of a ``specimen`` column (then
+    ``n_specimens`` must be None or the number of ids), else the single path replicated for
+    ``n_specimens`` (default 1) specimens ``S001``, ``S002``, ..."""
+    if n_specimens is not None and n_specimens < 1:
+        raise BadInput(f"the number of specimens (--specimens) must be at least 1, got {n_specimens}")
+    load = read_load_path(path)
+    if _has_specimen_column(path):
+        if n_specimens is not None and n_specimens != load.n_specimens:
+            raise BadInput(f"{path}: has {load.n_specimens} specimen ids but {n_specimens} "
+                           f"specimens were asked for (--specimens): omit it or give "
+                           f"{load.n_specimens}")
+        return load
+    return read_load_path(path, specimens=specimen_ids(n_specimens or 1))
+
+
+def _noise_generator(seed: int) -> torch.Generator:
+    """A generator for measurement noise, independent of the stream of :func:`draw_specimens`."""
+    state = np.random.SeedSequence([seed, 1]).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator().manual_seed(int(state) & 0x7FFF_FFFF_FFFF_FFFF)
+
+
+def simulate_experiments(spec: ModelSpec, load: Experiments, seed: int = 0,
+                         noise_sd: float = 0.0, device: str | torch.device = "cpu") -> Synthetic:
+    """Draw one specimen per path of ``load`` from the card's prior population
+    (:func:`~bayescal.hierarchy.draw_specimens`), simulate its stress at the recorded points,
+    and add Gaussian noise of sd ``noise_sd`` MPa. Seeded: the same seed gives the same data.
+    Raises :class:`~bayescal.hierarchy.SolverFailure` if a specimen cannot be integrated."""
+    if not noise_sd >= 0:
+        raise BadInput(f"the noise sd (--noise) must be non-negative, got {noise_sd:g}")
+    model = _require_builtin(spec)
+    n = load.n_specimens
+    params = draw_specimens(spec, n, seed)
+    device = torch.device(device)
+    stress, report = simulate(
+        model, {k: v.to(device) for k, v in params.items()},
+        load.time.to(device, torch.float64), load.strain.to(device, torch.float64),
+        spec.solver, adjoint=False)
+    if report.n_failed:
+        raise SolverFailure(report)
+    stress = stress.cpu()
+    if noise_sd > 0:
+        noise = torch.randn(stress.shape, generator=_noise_generator(seed), dtype=stress.dtype)
+        stress = stress + noise_sd * noise
+    stress = torch.where(load.mask, stress, torch.nan)
+    return Synthetic(replace(load, stress=stress), {k: params[k] for k in model.parameters})
+
+
+def write_parameters(synthetic: Synthetic, path: str | os.PathLike) -> None:
+    """Write the specimens' parameters as CSV (``specimen`` then every model parameter),
+    atomically (a temporary file renamed over ``path``)."""
+    names = list(synthetic.parameters)
+    columns = [synthetic.parameters[k].tolist() for k in names]
+    rows = [[sid, *(repr(float(c[j])) for c in columns)]
+            for j, sid in enumerate(synthetic.experiments.specimens)]
+    _atomic_csv(Path(path), ["specimen", *names], rows)
+
+
+def parameters_path(out: str | os.PathLike) -> Path:
+    """Where the parameters of synthetic data ``out`` go: ``<out stem>.params.csv`` beside it."""
+    out = Path(out)
+    return out.with_name(f"{out.stem}.params.csv")
+
+
+def write_synthetic(synthetic: Synthetic, out: str | os.PathLike) -> tuple[Path, Path]:
+    """Write the data CSV and its parameters file, each atomically; returns both paths."""
+    out = Path(out)
+    if not out.parent.is_dir():
+        raise BadInput(f"{out}: directory {str(out.parent)!r} does not exist")
+    params = parameters_path(out)
+    write_experiments(synthetic.experiments, out)
+    write_parameters(synthetic, params)
+    return out, params
+
+
+def _atomic_csv(path: Path, header: list[str], rows: list[list]) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f)
+            writer.writerow(header)
+            writer.writerows(rows)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

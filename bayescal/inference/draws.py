@@ -1,0 +1,100 @@
+"""Posterior draws from a fitted guide, pushed through the model in batched solves.
+
+Draws and specimens share one batch (split into pieces of at most ``max_batch`` specimen
+solves to bound memory), never one solve per draw.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pyro
+import torch
+from pyro.infer import Predictive
+from pyro.infer.autoguide import AutoDelta
+
+from bayescal.hierarchy import Hierarchy
+
+
+@dataclass
+class Draws:
+    """Posterior draws in physical units, leading dimension = draw."""
+
+    parameters: dict[str, torch.Tensor]  # (draw, specimen) when varying, (draw,) when shared
+    population: dict[str, torch.Tensor]  # P_pop_mean, P_pop_sd: (draw,)
+    noise_sd: torch.Tensor  # (draw,)
+    stress_mean: torch.Tensor  # (draw, specimen, step), noise-free
+    failed_draws: int = 0
+
+    @property
+    def n_draws(self) -> int:
+        return self.noise_sd.shape[0]
+
+
+def latent_names(h: Hierarchy) -> list[str]:
+    """The model's latent sample sites."""
+    names = []
+    for name in h.spec.shared:
+        names.append(f"{name}_z")
+    for name in h.spec.varying:
+        names += [f"{name}_pop_z", f"{name}_cv", f"{name}_z" if h.centered else f"{name}_offset"]
+    return names + ["noise_sd"]
+
+
+def sample_guide(h: Hierarchy, guide, n: int, seed: int) -> dict[str, torch.Tensor]:
+    """``n`` latent draws from a guide (a MAP guide gives ``n`` copies of its point)."""
+    names = latent_names(h)
+    if isinstance(guide, AutoDelta):
+        point = guide.median()
+        return {k: point[k].detach().expand(n, *point[k].shape).clone() for k in names}
+    pyro.set_rng_seed(seed)
+    with torch.no_grad():
+        samples = Predictive(guide, num_samples=n, parallel=True, return_sites=names)()
+    return {k: v.reshape(n, -1).squeeze(-1) if k in _globals(h) else v.reshape(n, -1)
+            for k, v in samples.items()}
+
+
+def _globals(h: Hierarchy) -> set[str]:
+    return {f"{n}_z" for n in h.spec.shared} | {
+        f"{n}_{s}" for n in h.spec.varying for s in ("pop_z", "cv")} | {"noise_sd"}
+
+
+def posterior_draws(h: Hierarchy, latents: dict[str, torch.Tensor],
+                    max_batch: int = 8192, unique: bool = False) -> Draws:
+    """Physical parameters, population moments and noise-free stress for latent draws.
+
+    ``unique`` says that every draw is the same point (MAP): it is solved once.
+    """
+    n = latents["noise_sd"].shape[0]
+    solve_n = 1 if unique else n
+    per_piece = max(1, max_batch // h.experiments.n_specimens)
+    params, stresses, failed = [], [], 0
+    for start in range(0, solve_n, per_piece):
+        piece = {k: v[start:start + per_piece] for k, v in latents.items()}
+        values, stress = h.predict(piece)
+        params.append(values)
+        stresses.append(stress)
+        failed += int(torch.isnan(stress).flatten(1).any(-1).sum())
+    parameters = {k: torch.cat([p[k] for p in params]) for k in params[0]}
+    stress_mean = torch.cat(stresses)
+    if unique:
+        parameters = {k: v.expand(n, *v.shape[1:]) for k, v in parameters.items()}
+        stress_mean = stress_mean.expand(n, *stress_mean.shape[1:])
+        failed *= n
+    return Draws(parameters=parameters, population=h.population(latents),
+                 noise_sd=latents["noise_sd"], stress_mean=stress_mean, failed_draws=failed)
+
+
+def predictive_and_loglik(h: Hierarchy, draws: Draws, seed: int):
+    """Posterior-predictive stress (with noise) and each specimen's log likelihood per draw."""
+    exp = h.experiments
+    generator = torch.Generator().manual_seed(seed)
+    noise = draws.noise_sd[:, None, None]
+    eps = torch.randn(draws.stress_mean.shape, generator=generator, dtype=torch.float64)
+    predictive = draws.stress_mean + noise * eps
+    mask = exp.mask.T
+    predictive = torch.where(mask, predictive, torch.nan)
+    obs = torch.nan_to_num(exp.stress.T)
+    logp = torch.distributions.Normal(draws.stress_mean, noise).log_prob(obs)
+    loglik = torch.where(mask, logp, 0.0).sum(-1)
+    return predictive, loglik

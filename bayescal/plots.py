@@ -1,0 +1,140 @@
+"""Figures from an InferenceData: fit bands per specimen, ELBO trace, prior vs posterior.
+
+Plots read only the InferenceData (and the card for priors); they know no solver internals.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from bayescal.card import ModelSpec  # noqa: E402
+from bayescal.hierarchy import Bounded  # noqa: E402
+
+BAND = (0.05, 0.95)
+MAX_PANELS = 24
+
+
+def _grid(n: int, width: float = 3.2, height: float = 2.6):
+    cols = min(n, 4)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False,
+                             sharex=False, sharey=True)
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
+    return fig, list(axes.flat)
+
+
+def plot_bands(idata, path: Path, group: str = "posterior_predictive",
+               title: str = "Data and posterior-predictive 90% band") -> None:
+    """One panel per specimen: measured stress (dots) over the predictive 90% band and median,
+    against strain."""
+    pred = idata[group]["stress"]
+    lo, mid, hi = (pred.quantile(q, dim=("chain", "draw")).values for q in (BAND[0], 0.5, BAND[1]))
+    strain = idata.constant_data["strain"].values
+    observed = idata.observed_data["stress"].values if "observed_data" in idata.groups() else None
+    specimens = list(pred["specimen"].values)
+    shown = specimens[:MAX_PANELS]
+    fig, axes = _grid(len(shown))
+    for i, (ax, name) in enumerate(zip(axes, shown)):
+        keep = np.isfinite(strain[i])
+        ax.fill_between(strain[i][keep], lo[i][keep], hi[i][keep], color="C0", alpha=0.3,
+                        lw=0, label="90% band")
+        ax.plot(strain[i][keep], mid[i][keep], color="C0", lw=1, label="median")
+        if observed is not None:
+            ax.plot(strain[i][keep], observed[i][keep], ".", color="k", ms=2.5, label="data")
+        ax.set_title(str(name), fontsize=9)
+        ax.set_xlabel("strain")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("stress (MPa)")
+    axes[0].legend(fontsize=7, loc="lower right")
+    extra = f" (first {MAX_PANELS} of {len(specimens)} specimens)" if len(specimens) > MAX_PANELS else ""
+    fig.suptitle(title + extra)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_elbo(idata, path: Path) -> None:
+    """ELBO against step for the MAP warm start and the guide."""
+    attrs = idata.posterior.attrs
+    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    offset = 0
+    for key, label in (("elbo_map", "MAP warm start"), ("elbo", f"guide: {attrs.get('guide')}")):
+        values = np.atleast_1d(np.asarray(attrs.get(key, []), dtype=float))
+        if values.size:
+            ax.plot(offset + np.arange(values.size), values, lw=1, label=label)
+            offset += values.size
+    ax.set_yscale("symlog", linthresh=1e3)
+    ax.set_xlabel("accepted step")
+    ax.set_ylabel("ELBO")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _prior_samples(spec: ModelSpec, name: str, n: int = 20000) -> np.ndarray:
+    """Physical values implied by the card's prior for a population mean or shared value."""
+    p = spec.parameters[name]
+    t = Bounded(*p.bounds)
+    z0 = t.inverse(p.prior[0])
+    z = z0 + p.prior[1] / t.slope(z0) * torch.randn(n, generator=torch.Generator().manual_seed(0),
+                                                      dtype=torch.float64)
+    return t.forward(z).numpy()
+
+
+def _prior_posterior(ax, prior: np.ndarray, posterior: np.ndarray, title: str) -> None:
+    """Posterior histogram with the prior density as a line on its own scale (a posterior is
+    often far narrower than its prior), annotated with both means and sds."""
+    lo, hi = np.quantile(np.concatenate([prior, posterior]), [0.005, 0.995])
+    bins = np.linspace(lo, hi, 80)
+    ax.hist(posterior, bins=bins, density=True, color="C1", alpha=0.85, label="posterior")
+    twin = ax.twinx()
+    density, edges = np.histogram(prior, bins=bins, density=True)
+    twin.plot(0.5 * (edges[1:] + edges[:-1]), density, color="0.35", lw=1.2, label="prior")
+    for a in (ax, twin):
+        a.set_yticks([])
+    twin.set_ylim(bottom=0)
+    ax.set_title(title, fontsize=9)
+    ax.text(0.02, 0.97, f"post {posterior.mean():.4g} ± {posterior.std():.2g}\n"
+            f"prior {prior.mean():.4g} ± {prior.std():.2g}", transform=ax.transAxes,
+            va="top", fontsize=7)
+    ax.figure.legend(handles=[ax.patches[0], twin.lines[0]], labels=["posterior", "prior"],
+                     loc="upper right", fontsize=7) if ax is ax.figure.axes[0] else None
+
+
+def plot_population(idata, spec: ModelSpec, path: Path) -> None:
+    """Prior vs posterior of each population mean (varying), value (shared) and the noise."""
+    post = idata.posterior
+    panels = [(f"{n}_pop_mean" if p.varies == "specimen" else n, n)
+              for n, p in spec.parameters.items() if not p.is_fixed]
+    fig, axes = _grid(len(panels) + 1, width=3.4, height=2.6)
+    for ax, (var, name) in zip(axes, panels):
+        _prior_posterior(ax, _prior_samples(spec, name), post[var].values.ravel(), var)
+    sd = spec.noise_prior_scale
+    prior_noise = np.abs(np.random.default_rng(0).normal(0.0, sd, 20000))
+    _prior_posterior(axes[len(panels)], prior_noise, post["noise_sd"].values.ravel(),
+                     "noise_sd (MPa)")
+    fig.suptitle("Population: prior (line) vs posterior (histogram)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_fit_figures(idata, spec: ModelSpec, out: Path) -> list[Path]:
+    """The figures of a fit: ``fit_bands.png``, ``elbo.png``, ``population.png``."""
+    out = Path(out)
+    paths = [out / "fit_bands.png", out / "elbo.png", out / "population.png"]
+    plot_bands(idata, paths[0])
+    plot_elbo(idata, paths[1])
+    plot_population(idata, spec, paths[2])
+    return paths
