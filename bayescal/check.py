@@ -108,8 +108,9 @@ def _require_builtin(spec: ModelSpec) -> MaterialModel:
 
 
 @dataclass(frozen=True)
-class _Load:
-    """A recorded path on the compute device: ``time``, ``strain``, ``mask`` ``(n_rec, batch)``."""
+class CheckLoad:
+    """The recorded paths of the checks on the compute device: ``time``, ``strain``, ``mask``
+    of shape ``(n_rec, batch)`` (``mask`` False where a shorter path is padded)."""
 
     time: torch.Tensor
     strain: torch.Tensor
@@ -120,14 +121,15 @@ class _Load:
         return self.time.shape[1]
 
 
-def _load(load: Experiments | None, device: torch.device) -> _Load:
+def check_load(load: Experiments | None = None, device: str | torch.device = "cpu") -> CheckLoad:
+    """``load``'s paths (default: :func:`informative_path`) as a :class:`CheckLoad`."""
     if load is None:
         time, strain = informative_path()
         time, strain = time[:, None], strain[:, None]
         mask = torch.ones_like(time, dtype=torch.bool)
     else:
         time, strain, mask = load.time, load.strain, load.mask
-    return _Load(time.to(device, torch.float64), strain.to(device, torch.float64), mask.to(device))
+    return CheckLoad(time.to(device, torch.float64), strain.to(device, torch.float64), mask.to(device))
 
 
 def _tensors(params: Mapping[str, float], like: torch.Tensor,
@@ -145,7 +147,7 @@ def _failed(name: str, report, tolerance: float, what: str) -> CheckResult:
 # ------------------------------------------------------------------------------- the checks
 
 
-def check_jacobian(model: MaterialModel, params: Mapping[str, float], load: _Load,
+def check_jacobian(model: MaterialModel, params: Mapping[str, float], load: CheckLoad,
                    options: SolverOptions) -> CheckResult:
     """Analytic residual Jacobian against autograd at the states of a solved trajectory."""
     name, tol = "jacobian", TOLERANCES["jacobian"]
@@ -179,14 +181,14 @@ def check_jacobian(model: MaterialModel, params: Mapping[str, float], load: _Loa
     return CheckResult(name, value, tol, value <= tol, detail)
 
 
-def _weights(load: _Load) -> torch.Tensor:
+def _weights(load: CheckLoad) -> torch.Tensor:
     """Loss weights at the recorded points (zero where padded)."""
     w = torch.linspace(0.5, 1.5, load.time.shape[0], dtype=load.time.dtype, device=load.time.device)
     return w[:, None] * load.mask
 
 
 def check_adjoint(model: MaterialModel, params: Mapping[str, float], calibrated: Sequence[str],
-                  load: _Load, options: SolverOptions) -> CheckResult:
+                  load: CheckLoad, options: SolverOptions) -> CheckResult:
     """Adjoint gradient of ``sum(w * stress)`` against central finite differences."""
     name, tol = "adjoint-gradient", TOLERANCES["adjoint-gradient"]
     if not calibrated:
@@ -240,7 +242,7 @@ def check_adjoint(model: MaterialModel, params: Mapping[str, float], calibrated:
     return CheckResult(name, value, tol, value <= tol, detail)
 
 
-def check_chunking(model: MaterialModel, params: Mapping[str, float], load: _Load,
+def check_chunking(model: MaterialModel, params: Mapping[str, float], load: CheckLoad,
                    options: SolverOptions) -> CheckResult:
     """Stress with the card's ``n_chunk`` against a sequential solve."""
     name, tol = "chunking", TOLERANCES["chunking"]
@@ -260,7 +262,7 @@ def check_chunking(model: MaterialModel, params: Mapping[str, float], load: _Loa
     return CheckResult(name, value, tol, value <= tol, detail)
 
 
-def check_integration(model: MaterialModel, params: Mapping[str, float], load: _Load,
+def check_integration(model: MaterialModel, params: Mapping[str, float], load: CheckLoad,
                       options: SolverOptions) -> CheckResult:
     """The card's sub-steps against a grid :data:`FINER` times finer, at the recorded points."""
     name, tol = "integration", TOLERANCES["integration"]
@@ -287,7 +289,7 @@ def check_model(spec: ModelSpec, load: Experiments | None = None,
     """Run every check of a card's model on ``load`` (default: :func:`informative_path`) at
     :func:`check_parameters`. Raises :class:`BadInput` for a NEML2 card (not available yet)."""
     model = _require_builtin(spec)
-    path = _load(load, torch.device(device))
+    path = check_load(load, device)
     params = check_parameters(spec)
     options = spec.solver
     return [
@@ -388,12 +390,20 @@ def parameters_path(out: str | os.PathLike) -> Path:
     return out.with_name(f"{out.stem}.params.csv")
 
 
-def write_synthetic(synthetic: Synthetic, out: str | os.PathLike) -> tuple[Path, Path]:
-    """Write the data CSV and its parameters file, each atomically; returns both paths."""
+def output_paths(out: str | os.PathLike) -> tuple[Path, Path]:
+    """The data file ``out`` and its parameters file, after checking that they can be written
+    (so that a simulation does not run only to fail at the end)."""
     out = Path(out)
     if not out.parent.is_dir():
         raise BadInput(f"{out}: directory {str(out.parent)!r} does not exist")
-    params = parameters_path(out)
+    if out.is_dir():
+        raise BadInput(f"{out}: is a directory (give a file name for the data CSV)")
+    return out, parameters_path(out)
+
+
+def write_synthetic(synthetic: Synthetic, out: str | os.PathLike) -> tuple[Path, Path]:
+    """Write the data CSV and its parameters file, each atomically; returns both paths."""
+    out, params = output_paths(out)
     write_experiments(synthetic.experiments, out)
     write_parameters(synthetic, params)
     return out, params

@@ -84,11 +84,14 @@ class Hierarchy:
     """A card turned into the Pyro model for one set of experiments.
 
     Call the instance as the Pyro model. ``observed=False`` leaves stress unobserved (for
-    simulation and posterior-predictive draws).
+    simulation and posterior-predictive draws). With ``warm_start`` each solve starts Newton
+    from the previous solve's trajectory when the batch has the same size (successive
+    optimiser steps change parameters only a little).
     """
 
     def __init__(self, spec: ModelSpec, experiments: Experiments,
-                 options: SolverOptions | None = None, centered: bool = False) -> None:
+                 options: SolverOptions | None = None, centered: bool = False,
+                 warm_start: bool = True) -> None:
         self.spec = spec
         self.model: MaterialModel = get_model(spec.model)
         self.experiments = experiments
@@ -97,6 +100,8 @@ class Hierarchy:
         self.transforms = {name: Bounded(*spec.parameters[name].bounds) for name in spec.calibrated}
         self.grid = refine(experiments.time, experiments.strain, self.options)
         self.last_report: SolveReport | None = None
+        self.warm_start = warm_start
+        self._previous: torch.Tensor | None = None
 
     # -- priors -----------------------------------------------------------------------
     def prior_z(self, name: str) -> dist.Normal:
@@ -155,8 +160,14 @@ class Hierarchy:
         grid = self.grid
         reps = n_total // n_spec
         batched = Grid(grid.time.repeat(1, reps), grid.strain.repeat(1, reps), grid.recorded)
-        states, report = integrate(self.model, params, batched, self.options, adjoint=adjoint)
+        guess = self._previous
+        if guess is not None and guess.shape[1] != n_total:
+            guess = None
+        states, report = integrate(self.model, params, batched, self.options, adjoint=adjoint,
+                                   guess=guess)
         self.last_report = report
+        if self.warm_start and not report.n_failed:
+            self._previous = states.detach()
         if report.n_failed and strict:
             raise SolverFailure(report)
         stress = self.model.stress(states[grid.recorded])  # (step, n_total)

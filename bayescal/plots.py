@@ -63,18 +63,19 @@ def plot_bands(idata, path: Path, group: str = "posterior_predictive",
 
 
 def plot_elbo(idata, path: Path) -> None:
-    """ELBO against step for the MAP warm start and the guide."""
+    """The MAP stage's log joint, then the SVI stage's ELBO, against evaluation."""
     attrs = idata.posterior.attrs
     fig, ax = plt.subplots(figsize=(6.5, 3.6))
     offset = 0
-    for key, label in (("elbo_map", "MAP warm start"), ("elbo", f"guide: {attrs.get('guide')}")):
+    for key, label in (("log_joint_map", "MAP (L-BFGS): log joint"),
+                       ("elbo", f"SVI ({attrs.get('guide')} guide): ELBO")):
         values = np.atleast_1d(np.asarray(attrs.get(key, []), dtype=float))
         if values.size:
             ax.plot(offset + np.arange(values.size), values, lw=1, label=label)
             offset += values.size
     ax.set_yscale("symlog", linthresh=1e3)
-    ax.set_xlabel("accepted step")
-    ax.set_ylabel("ELBO")
+    ax.set_xlabel("evaluation")
+    ax.set_ylabel("log joint / ELBO")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

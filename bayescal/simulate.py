@@ -169,13 +169,14 @@ class _RetryingSolver(nonlinear.RecursiveNonlinearEquationSolver):
     """pyzag's chunked solver, re-solving failed chunks in halves down to single steps."""
 
     def __init__(self, factory: StrainControlledResidual, options: SolverOptions,
-                 report: SolveReport) -> None:
+                 report: SolveReport, guess: torch.Tensor | None = None) -> None:
         super().__init__(
             factory,
             step_generator=nonlinear.StepGenerator(
                 options.n_chunk, first_block_size=options.first_chunk if options.n_chunk > 1 else 0
             ),
-            predictor=PREDICTORS[options.predictor](),
+            predictor=(PREDICTORS[options.predictor]() if guess is None
+                       else nonlinear.FullTrajectoryPredictor(guess)),
             direct_solve_operator=SmallBlockThomas,
             nonlinear_solver=chunktime.ChunkNewtonRaphson(
                 rtol=options.rtol, atol=options.atol, miter=options.max_iterations,
@@ -215,18 +216,20 @@ class _RetryingSolver(nonlinear.RecursiveNonlinearEquationSolver):
 
 
 def integrate(model: MaterialModel, params: Mapping[str, torch.Tensor | float], grid: Grid,
-              options: SolverOptions = SolverOptions(), adjoint: bool = True
-              ) -> tuple[torch.Tensor, SolveReport]:
+              options: SolverOptions = SolverOptions(), adjoint: bool = True,
+              guess: torch.Tensor | None = None) -> tuple[torch.Tensor, SolveReport]:
     """Integrate from a zero state over ``grid``; returns states ``(step, batch, n_state)``.
 
     With ``adjoint`` the result is differentiable with respect to ``params`` through pyzag's
     chunked adjoint. Specimens whose solve failed are NaN and listed in the report.
+    ``guess``, a whole trajectory of the same shape (e.g. the previous optimiser step's),
+    replaces the predictor as Newton's starting point.
     """
     batch = grid.time.shape[1]
     p = broadcast_params(model, params, batch, grid.time)
     factory = StrainControlledResidual(model, p)
     report = SolveReport(failed=torch.zeros(batch, dtype=torch.bool, device=grid.time.device))
-    solver = _RetryingSolver(factory, options, report)
+    solver = _RetryingSolver(factory, options, report, guess)
     y0 = torch.zeros(batch, model.n_state, dtype=grid.time.dtype, device=grid.time.device)
     forces = (grid.time[..., None], grid.strain[..., None])
     if adjoint:

@@ -1,11 +1,20 @@
-"""MAP and SVI through the chunked adjoint: guides, warm start, schedule, plateau stop,
-checkpoints.
+"""MAP and SVI through the chunked adjoint.
 
-:func:`run_svi` fits one guide. Every guide except ``delta`` is warm-started from a MAP fit
-(Pyro's default initialisation would put bounded values at their bounds), and all stochastic
-guides use several vectorised particles: they cost almost nothing extra, because particles
-and specimens share one batched solve. A step whose solve fails, or whose gradient is not
-finite, is skipped and counted; it never reaches the optimiser.
+A fit has two stages:
+
+1. **MAP** by L-BFGS on the log joint density in the unconstrained space (deterministic, so
+   a quasi-Newton method with a line search reaches the optimum in tens of iterations where
+   Adam needs hundreds), followed by a **Laplace approximation**: the Hessian from central
+   differences of adjoint gradients, all ``2 x dim`` gradient evaluations done in one
+   batched solve.
+2. **SVI** (``normal``, ``lowrank`` or ``mvn`` guide) initialised at the MAP point with the
+   Laplace covariance, refined by Adam on the ELBO with vectorised particles (particles and
+   specimens share one batched solve), a decaying learning rate and a plateau stop.
+
+Pyro's default initialisation would put bounded values at their bounds; starting from the
+Laplace approximation also avoids the over-confident intervals that a guide started with a
+tiny scale tends to keep. A step whose solve fails, or whose gradient is not finite, is
+skipped and counted; it never reaches the optimiser.
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ from typing import Callable
 import pyro
 import torch
 from pyro import poutine
+from pyro.distributions.transforms import biject_to
 from pyro.infer import Trace_ELBO
 from pyro.infer.autoguide import (AutoDelta, AutoLowRankMultivariateNormal,
                                   AutoMultivariateNormal, AutoNormal)
@@ -32,32 +42,38 @@ GUIDES = ("delta", "normal", "lowrank", "mvn")
 
 @dataclass(frozen=True)
 class SVIConfig:
-    """Settings of one SVI run. ``steps`` is the maximum; the run stops earlier on a
-    plateau of the ELBO. The learning rate decays geometrically to ``lr * lr_final``."""
+    """Settings of one fit. ``steps`` bounds the SVI stage, which stops earlier on a plateau
+    of the ELBO; the learning rate decays geometrically to ``lr * lr_final``."""
 
     guide: str = "mvn"
-    steps: int = 1500
-    lr: float = 0.02
+    steps: int = 1000
+    lr: float = 0.01
     lr_final: float = 0.1
     particles: int = 8
-    map_steps: int = 600
-    init_scale: float = 0.02
+    map_evaluations: int = 400
+    laplace_step: float = 1e-4
     window: int = 50
-    min_steps: int = 200
+    min_steps: int = 100
     clip_norm: float = 10.0
     checkpoint_every: int = 50
 
 
 @dataclass
 class SVIState:
-    """Everything needed to continue a run: the stage, steps taken in it and in all, losses."""
+    """Everything needed to continue a run: the stage, steps taken, losses, the MAP point."""
 
     stage: str = "map"
     step: int = 0
-    total: int = 0
     losses: dict = field(default_factory=lambda: {"map": [], "guide": []})
     skipped: int = 0
     retries: int = 0
+    u_map: torch.Tensor | None = None
+    covariance: torch.Tensor | None = None
+
+    @property
+    def total(self) -> int:
+        """Model evaluations with gradient so far (MAP evaluations + SVI steps)."""
+        return len(self.losses["map"]) + self.step
 
 
 @dataclass
@@ -81,57 +97,183 @@ def initial_values(h: Hierarchy) -> dict[str, torch.Tensor]:
         z = h.transforms[name].inverse(centre)
         if p.varies == "shared":
             values[f"{name}_z"] = z
+            continue
+        values[f"{name}_pop_z"] = z
+        values[f"{name}_cv"] = torch.tensor(p.spread / 2, dtype=torch.float64)
+        shape = (h.experiments.n_specimens,)
+        if h.centered:
+            values[f"{name}_z"] = z.expand(shape).clone()
         else:
-            values[f"{name}_pop_z"] = z
-            values[f"{name}_cv"] = torch.tensor(p.spread / 2, dtype=torch.float64)
-            shape = (h.experiments.n_specimens,)
-            values[f"{name}_offset" if not h.centered else f"{name}_z"] = (
-                torch.zeros(shape, dtype=torch.float64) if not h.centered else z.expand(shape))
+            values[f"{name}_offset"] = torch.zeros(shape, dtype=torch.float64)
     values["noise_sd"] = torch.tensor(h.spec.noise_prior_scale / 2, dtype=torch.float64)
     return values
 
 
-def make_guide(h: Hierarchy, kind: str, init: dict, init_scale: float):
-    """An autoguide of the given kind, located at ``init``."""
-    loc = init_to_value(values=init, fallback=init_to_median)
+class Packing:
+    """The model's latent sites packed into one unconstrained vector (Pyro's
+    :class:`AutoContinuous` layout), and the log joint density as a function of it."""
+
+    def __init__(self, h: Hierarchy, values: dict[str, torch.Tensor]) -> None:
+        self.h = h
+        self.layout = AutoMultivariateNormal(h, init_loc_fn=init_to_value(values=values))
+        with poutine.block(), torch.no_grad():
+            self.layout._setup_prototype()
+        self.u0 = self.layout._init_loc().detach()
+
+    @property
+    def dim(self) -> int:
+        return self.u0.numel()
+
+    def constrain(self, u: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Site values for a batch ``u`` (B, dim), shaped for a draws plate at dim -2, and the
+        log |det| of the unconstraining transforms per row."""
+        batch = u.shape[0]
+        values, logdet = {}, torch.zeros(batch, dtype=u.dtype)
+        for site, free in self.layout._unpack_latent(u[:, None, :]):
+            transform = biject_to(site["fn"].support)
+            value = transform(free)
+            logdet = logdet + transform.log_abs_det_jacobian(free, value).reshape(batch, -1).sum(-1)
+            values[site["name"]] = value.reshape(batch, -1)
+        return values, logdet
+
+    def log_joint(self, u: torch.Tensor) -> torch.Tensor:
+        """Log joint density in the unconstrained space for each row of ``u`` (B, dim)."""
+        batch = u.shape[0]
+        values, logdet = self.constrain(u)
+        with pyro.plate("draws", batch, dim=-2), poutine.condition(data=values):
+            trace = poutine.trace(self.h).get_trace()
+        trace.compute_log_prob()
+        total = logdet
+        for site in trace.nodes.values():
+            if site["type"] == "sample" and site["name"] != "specimen":
+                total = total + site["log_prob"].reshape(batch, -1).sum(-1)
+        return total
+
+    def point(self, u: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Constrained site values for a single unconstrained vector."""
+        values, _ = self.constrain(u[None])
+        shapes = {site["name"]: site["value"].shape
+                  for site, _ in self.layout._unpack_latent(self.u0)}
+        return {k: v.reshape(shapes[k]).detach() for k, v in values.items()}
+
+
+class _BudgetSpent(Exception):
+    """Raised inside L-BFGS when the MAP stage has used its evaluations."""
+
+
+def fit_map(packing: Packing, state: SVIState, max_evaluations: int, progress) -> torch.Tensor:
+    """Maximise the log joint by L-BFGS with a strong-Wolfe line search; returns the MAP
+    point (unconstrained). A failed solve restarts L-BFGS from the best point so far with a
+    shorter first step, three times at most."""
+    u = packing.u0.clone().requires_grad_(True)
+    best = {"loss": math.inf, "u": u.detach().clone()}
+
+    def closure():
+        opt.zero_grad()
+        loss = -packing.log_joint(u[None])[0]
+        loss.backward()
+        if not (torch.isfinite(loss) and torch.isfinite(u.grad).all()):
+            raise SolverFailure(packing.h.last_report)
+        value = float(loss.detach())
+        state.losses["map"].append(value)
+        if value < best["loss"]:
+            best.update(loss=value, u=u.detach().clone())
+        if progress is not None:
+            progress.update(1)
+            progress.set_postfix(stage="map", loss=f"{value:.6g}")
+        if len(state.losses["map"]) >= max_evaluations:
+            raise _BudgetSpent
+        return loss
+
+    for attempt in range(4):
+        opt = torch.optim.LBFGS([u], lr=0.25**attempt, max_iter=max_evaluations,
+                                history_size=30, line_search_fn="strong_wolfe",
+                                tolerance_grad=1e-5, tolerance_change=1e-10)
+        try:
+            opt.step(closure)
+            break
+        except _BudgetSpent:
+            break
+        except SolverFailure:
+            state.skipped += 1
+            with torch.no_grad():
+                u.copy_(best["u"])
+    return best["u"]
+
+
+def laplace_covariance(packing: Packing, u_map: torch.Tensor, step: float) -> torch.Tensor:
+    """Inverse of the negative Hessian of the log joint at ``u_map``, from central differences
+    of gradients evaluated in one batched solve; eigenvalues are floored so that the result
+    is positive definite."""
+    dim = u_map.numel()
+    shifts = torch.eye(dim, dtype=u_map.dtype) * step
+    u = torch.cat([u_map + shifts, u_map - shifts]).requires_grad_(True)
+    packing.log_joint(u).sum().backward()
+    grads = u.grad
+    hessian = -(grads[:dim] - grads[dim:]) / (2 * step)
+    hessian = 0.5 * (hessian + hessian.T)
+    eigval, eigvec = torch.linalg.eigh(hessian)
+    eigval = eigval.clamp_min(1e-8 * eigval.abs().max())
+    return (eigvec / eigval) @ eigvec.T
+
+
+def make_guide(h: Hierarchy, kind: str, packing: Packing, u_map: torch.Tensor,
+               covariance: torch.Tensor | None):
+    """A guide of the given kind located at the MAP point, with the Laplace covariance as
+    its initial scale (full for mvn, rank-r plus diagonal for lowrank, diagonal for normal)."""
+    map_values = packing.point(u_map)
+    loc_fn = init_to_value(values=map_values, fallback=init_to_median)
     if kind == "delta":
-        return AutoDelta(h, init_loc_fn=loc)
-    if kind == "normal":
-        return AutoNormal(h, init_loc_fn=loc, init_scale=init_scale)
-    if kind == "lowrank":
-        return AutoLowRankMultivariateNormal(h, init_loc_fn=loc, init_scale=init_scale)
-    if kind == "mvn":
-        return AutoMultivariateNormal(h, init_loc_fn=loc, init_scale=init_scale)
-    raise ValueError(f"unknown guide {kind!r}; choose one of {', '.join(GUIDES)}")
+        guide = AutoDelta(h, init_loc_fn=loc_fn)
+    elif kind == "normal":
+        guide = AutoNormal(h, init_loc_fn=loc_fn)
+    elif kind == "lowrank":
+        guide = AutoLowRankMultivariateNormal(h, init_loc_fn=loc_fn)
+    elif kind == "mvn":
+        guide = AutoMultivariateNormal(h, init_loc_fn=loc_fn)
+    else:
+        raise ValueError(f"unknown guide {kind!r}; choose one of {', '.join(GUIDES)}")
+    with poutine.block(), torch.no_grad():
+        guide._setup_prototype()
+        if kind == "mvn":
+            guide.scale = torch.ones_like(u_map)
+            guide.scale_tril = torch.linalg.cholesky(covariance)
+        elif kind == "lowrank":
+            eigval, eigvec = torch.linalg.eigh(covariance)
+            top = eigvec[:, -guide.rank:] * eigval[-guide.rank:].sqrt()
+            rest = (covariance.diagonal() - (top**2).sum(-1)).clamp_min(
+                1e-4 * covariance.diagonal())
+            guide.scale = rest.sqrt()
+            guide.cov_factor.data = top / rest.sqrt()[:, None]
+        elif kind == "normal":
+            sd = covariance.diagonal().sqrt()
+            for site, value in packing.layout._unpack_latent(sd):
+                setattr(guide.scales, site["name"], value.reshape(site["value"].shape))
+    return guide
 
 
-def plateaued(losses: list[float], window: int, deterministic: bool) -> bool:
+def plateaued(losses: list[float], window: int) -> bool:
     """True when the mean loss of the last window is no better than the one before it,
-    within the noise of the two means (or 1e-5 relative for a deterministic loss)."""
+    within the noise of the two means."""
     if len(losses) < 2 * window:
         return False
     last = torch.tensor(losses[-window:])
     prev = torch.tensor(losses[-2 * window:-window])
     gain = float(prev.mean() - last.mean())
-    if deterministic:
-        return gain < 1e-5 * abs(float(last.mean())) + 1e-3
-    noise = math.sqrt(float(last.var() + prev.var()) / window)
-    return gain < noise
+    return gain < math.sqrt(float(last.var() + prev.var()) / window)
 
 
-def _stage(h, guide, config: SVIConfig, state: SVIState, max_steps: int,
-           optim_state, checkpoint: Callable | None, progress) -> None:
-    """Run (or continue) the current optimisation stage in place."""
-    stage = state.stage
-    particles = 1 if stage == "map" else config.particles
-    elbo = Trace_ELBO(num_particles=particles, vectorize_particles=particles > 1,
-                      max_plate_nesting=1)
-    decay = config.lr_final ** (1.0 / max_steps)
+def refine_guide(h: Hierarchy, guide, config: SVIConfig, state: SVIState, optim_state,
+                 checkpoint: Callable | None, progress) -> None:
+    """Adam on the ELBO from the guide's current state, until a plateau or ``config.steps``."""
+    elbo = Trace_ELBO(num_particles=config.particles,
+                      vectorize_particles=config.particles > 1, max_plate_nesting=1)
+    decay = config.lr_final ** (1.0 / config.steps)
     optim = pyro.optim.ClippedAdam({"lr": config.lr, "lrd": decay, "clip_norm": config.clip_norm})
     if optim_state is not None:
         optim.set_state(optim_state)
-    losses = state.losses[stage]
-    while state.step < max_steps:
+    losses = state.losses["guide"]
+    while state.step < config.steps:
         with poutine.trace(param_only=True) as capture:
             try:
                 loss = elbo.differentiable_loss(h, guide)
@@ -149,24 +291,24 @@ def _stage(h, guide, config: SVIConfig, state: SVIState, max_steps: int,
             state.skipped += 1
         pyro.infer.util.zero_grads(params)
         state.step += 1
-        state.total += 1
         if progress is not None:
             progress.update(1)
             if losses:
-                progress.set_postfix(stage=stage, loss=f"{losses[-1]:.5g}", skipped=state.skipped)
-        if checkpoint is not None and state.total % config.checkpoint_every == 0:
+                progress.set_postfix(stage=f"svi {config.guide}", loss=f"{losses[-1]:.6g}",
+                                     skipped=state.skipped)
+        if checkpoint is not None and state.step % config.checkpoint_every == 0:
             checkpoint(state, guide, optim)
-        if state.step >= config.min_steps and plateaued(losses, config.window, stage == "map"):
+        if state.step >= config.min_steps and plateaued(losses, config.window):
             break
 
 
 def run_svi(h: Hierarchy, config: SVIConfig = SVIConfig(), seed: int = 0,
             checkpoint_path: Path | None = None, resume: bool = False,
             progress: bool = True) -> SVIResult:
-    """Fit the hierarchy by MAP (``delta``) or by SVI warm-started from MAP.
+    """Fit the hierarchy: MAP (+ Laplace), then SVI of the chosen guide unless ``delta``.
 
-    With ``checkpoint_path`` the state is written there every ``checkpoint_every`` steps;
-    with ``resume`` a run continues from that file when it exists.
+    With ``checkpoint_path`` the state is written there after the MAP stage and every
+    ``checkpoint_every`` SVI steps; with ``resume`` a run continues from that file.
     """
     from tqdm.auto import tqdm
 
@@ -182,58 +324,38 @@ def run_svi(h: Hierarchy, config: SVIConfig = SVIConfig(), seed: int = 0,
     state = saved["state"] if saved else SVIState()
     resumed_from = state.total if saved else None
     writer = _Checkpointer(checkpoint_path) if checkpoint_path is not None else None
-    total = config.map_steps + (0 if config.guide == "delta" else config.steps)
-    with tqdm(total=total, disable=not progress, desc=f"fit ({config.guide})", unit="step") as bar:
+    packing = Packing(h, initial_values(h))
+    stochastic = config.guide != "delta"
+    with tqdm(total=config.map_evaluations + (config.steps if stochastic else 0),
+              disable=not progress, desc="fit", unit="eval") as bar:
         if state.stage == "map":
-            guide = make_guide(h, "delta", initial_values(h), config.init_scale)
-            _restore(guide, saved, h)
+            state.u_map = fit_map(packing, state, config.map_evaluations, bar)
+            if stochastic:
+                state.covariance = laplace_covariance(packing, state.u_map, config.laplace_step)
+            state.stage = "guide"
+            if writer is not None:
+                writer(state, None, None)
+        bar.n = config.map_evaluations
+        guide = make_guide(h, config.guide, packing, state.u_map, state.covariance)
+        if stochastic:
+            if saved is not None and saved.get("guide") is not None:
+                guide.load_state_dict(saved["guide"])
             bar.update(state.step)
-            _stage(h, guide, config, state, config.map_steps, saved and saved["optim"],
-                   writer, bar)
-            map_values = _point(guide)
-            bar.update(config.map_steps - state.step)
-            if config.guide != "delta":
-                state.stage, state.step = "guide", 0
-                saved = None
-        else:
-            map_values = saved["map_values"]
-            bar.update(config.map_steps)
-        if writer is not None:
-            writer.map_values = map_values
-        if config.guide != "delta":
-            guide = make_guide(h, config.guide, map_values, config.init_scale)
-            _restore(guide, saved, h)
-            bar.update(state.step)
-            _stage(h, guide, config, state, config.steps, saved and saved["optim"], writer, bar)
-    return SVIResult(guide=guide, state=state, map_values=map_values,
-                     wall_time=time.perf_counter() - start,
-                     resumed_from=resumed_from)
-
-
-def _point(guide: AutoDelta) -> dict[str, torch.Tensor]:
-    """The MAP point as a dict of latent values."""
-    with torch.no_grad():
-        return {k: v.detach().clone() for k, v in guide.median().items()}
-
-
-def _restore(guide, saved, h) -> None:
-    """Set up a guide's parameters and, when resuming, load them from a checkpoint."""
-    with poutine.block(), torch.no_grad():
-        guide._setup_prototype()
-    if saved is not None:
-        guide.load_state_dict(saved["guide"])
+            refine_guide(h, guide, config, state, saved and saved.get("optim"), writer, bar)
+    return SVIResult(guide=guide, state=state, map_values=packing.point(state.u_map),
+                     wall_time=time.perf_counter() - start, resumed_from=resumed_from)
 
 
 class _Checkpointer:
-    """Writes the run's state atomically every few steps."""
+    """Writes the run's state atomically."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.map_values = None
 
     def __call__(self, state: SVIState, guide, optim) -> None:
-        payload = {"state": state, "guide": guide.state_dict(), "optim": optim.get_state(),
-                   "map_values": self.map_values, "rng": pyro.util.get_rng_state()}
-        tmp = self.path.with_suffix(".tmp")
+        payload = {"state": state, "guide": None if guide is None else guide.state_dict(),
+                   "optim": None if optim is None else optim.get_state(),
+                   "rng": pyro.util.get_rng_state()}
+        tmp = self.path.with_name(self.path.name + ".tmp")
         torch.save(payload, tmp)
         os.replace(tmp, self.path)

@@ -1,0 +1,221 @@
+"""The ``bayescal`` command line: parsing and printing only, over the library.
+
+Every command is one pair of functions, ``_add_<command>(subparsers)`` (declares its parser and
+returns it) and ``_run_<command>(args) -> int`` (runs it, returns the exit status), registered
+in :data:`COMMANDS`. Options shared by every command (:func:`_common_options`) are accepted
+before or after the command name.
+
+Exit status: 0 success, 1 a failed check or an unexpected error (one line, and a hint to rerun
+with ``--debug`` for the traceback), 2 bad input (:class:`~bayescal.errors.BadInput`: one line,
+no traceback) or a usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from bayescal.errors import BadInput
+
+PROG = "bayescal"
+
+
+# ---------------------------------------------------------------------------- common options
+
+
+def _common_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
+    """Options of every command. On subcommands their defaults are suppressed, so that a value
+    given before the command name is not overwritten by the subcommand's default."""
+    default = (lambda value: argparse.SUPPRESS) if suppress else (lambda value: value)
+    group = parser.add_argument_group("common options")
+    group.add_argument("--device", choices=("cpu", "cuda"), default=default("cpu"),
+                       help="where tensors are computed (default: cpu)")
+    group.add_argument("--threads", type=int, metavar="N", default=default(1),
+                       help="torch intra-op threads (default: 1; small-tensor work is "
+                            "slower with more)")
+    group.add_argument("--debug", action="store_true", default=default(False),
+                       help="show the full traceback of an unexpected error")
+
+
+def _command(subparsers, name: str, help: str, description: str | None = None
+             ) -> argparse.ArgumentParser:
+    """A subcommand parser carrying the common options."""
+    parser = subparsers.add_parser(name, help=help, description=description or help)
+    _common_options(parser, suppress=True)
+    return parser
+
+
+def _device(args: argparse.Namespace) -> torch.device:
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise BadInput("--device cuda: CUDA is not available on this machine (use --device cpu)")
+    return torch.device(args.device)
+
+
+# ------------------------------------------------------------------------------------ models
+
+
+def _add_models(subparsers) -> argparse.ArgumentParser:
+    return _command(subparsers, "models", "list the built-in material models")
+
+
+def _run_models(args: argparse.Namespace) -> int:
+    from bayescal.material import MODELS
+
+    rows = [("model", "parameters", "state", "summary")]
+    rows += [(name, ", ".join(cls.parameters), ", ".join(cls.state_names), cls.summary)
+             for name, cls in MODELS.items()]
+    _print_table(rows)
+    return 0
+
+
+# ------------------------------------------------------------------------------------- check
+
+
+def _add_check(subparsers) -> argparse.ArgumentParser:
+    parser = _command(
+        subparsers, "check", "verify a model card's model and solver settings",
+        "Analytic Jacobian vs autograd, adjoint gradient vs finite differences, chunked vs "
+        "sequential solve, and the integration error of the card's sub-steps, at the prior "
+        "centres. Exit status 1 if any check fails.")
+    parser.add_argument("card", metavar="CARD", help="model card (TOML)")
+    parser.add_argument("--load", metavar="LOAD.csv",
+                        help="load path (default: a built-in informative path)")
+    return parser
+
+
+def _run_check(args: argparse.Namespace) -> int:
+    from bayescal.card import load_card
+    from bayescal.check import check_model
+    from bayescal.data import read_load_path
+
+    device = _device(args)
+    spec = load_card(args.card)
+    load = read_load_path(args.load) if args.load else None
+    results = check_model(spec, load, device=device)
+    where = args.load or "built-in informative path"
+    print(f"{spec.path}: model {spec.model}, load {where}")
+    _print_table([("check", "value", "tolerance", "result", "detail")] + [
+        (r.name, f"{r.value:.3g}", f"{r.tolerance:g}", "PASS" if r.passed else "FAIL", r.detail)
+        for r in results])
+    failed = [r.name for r in results if not r.passed]
+    if failed:
+        print(f"FAILED: {', '.join(failed)}")
+        return 1
+    print(f"all {len(results)} checks passed")
+    return 0
+
+
+# ---------------------------------------------------------------------------------- simulate
+
+
+def _add_simulate(subparsers) -> argparse.ArgumentParser:
+    parser = _command(
+        subparsers, "simulate", "synthetic data from a card's prior population",
+        "Draw specimens from the card's prior population (prior centres, specimen-to-specimen "
+        "spread), simulate them on a load path and write the data CSV and, beside it, "
+        "<out stem>.params.csv with each specimen's parameters.")
+    parser.add_argument("card", metavar="CARD", help="model card (TOML)")
+    parser.add_argument("--load", metavar="LOAD.csv", required=True,
+                        help="load path: time, strain (and optionally specimen, temperature, labels)")
+    parser.add_argument("--specimens", metavar="K", type=int,
+                        help="number of specimens (default: one per specimen id of the load "
+                             "file, else 1)")
+    parser.add_argument("--seed", metavar="S", type=int, default=0, help="random seed (default: 0)")
+    parser.add_argument("--noise", metavar="SD", type=float, default=0.0,
+                        help="measurement noise sd in MPa (default: 0)")
+    parser.add_argument("--out", metavar="data.csv", required=True, help="data file to write")
+    return parser
+
+
+def _run_simulate(args: argparse.Namespace) -> int:
+    from bayescal.card import load_card
+    from bayescal.check import (
+        output_paths,
+        read_simulation_load,
+        simulate_experiments,
+        write_synthetic,
+    )
+
+    device = _device(args)
+    output_paths(args.out)
+    spec = load_card(args.card)
+    load = read_simulation_load(args.load, args.specimens)
+    synthetic = simulate_experiments(spec, load, seed=args.seed, noise_sd=args.noise,
+                                     device=device)
+    data, params = write_synthetic(synthetic, args.out)
+    print(f"wrote {data} ({load.n_specimens} specimens, {sum(load.n_points)} points) "
+          f"and {params}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------- registry
+
+#: Every command: name -> (declare its parser, run it). Add new commands here.
+COMMANDS: dict[str, tuple[Callable, Callable[[argparse.Namespace], int]]] = {
+    "models": (_add_models, _run_models),
+    "check": (_add_check, _run_check),
+    "simulate": (_add_simulate, _run_simulate),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="Hierarchical Bayesian calibration of viscoplastic material "
+                               "models against time-history test data.")
+    _common_options(parser, suppress=False)
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (add, run) in COMMANDS.items():
+        add(subparsers).set_defaults(run=run)
+    return parser
+
+
+# -------------------------------------------------------------------------------------- main
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, or a usage error (argparse printed it)
+        return exc.code if isinstance(exc.code, int) else 2
+    try:
+        torch.set_default_dtype(torch.float64)
+        if args.threads < 1:
+            raise BadInput(f"--threads must be at least 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+        _device(args)
+        return args.run(args)
+    except BadInput as exc:
+        _error(str(exc))
+        return 2
+    except KeyboardInterrupt:
+        _error("interrupted")
+        return 130
+    except Exception as exc:
+        if args.debug:
+            raise
+        _error(f"{type(exc).__name__}: {exc} (rerun with --debug for the traceback)")
+        return 1
+
+
+def _error(message: str) -> None:
+    """One line on stderr."""
+    line = " ".join(part.strip() for part in message.splitlines() if part.strip())
+    print(f"{PROG}: error: {line}", file=sys.stderr)
+
+
+def _print_table(rows: list[tuple[str, ...]]) -> None:
+    """Left-aligned columns; the last column is not padded."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        cells = [cell.ljust(w) for cell, w in zip(row, widths)] + [row[-1]]
+        print("  ".join(cells).rstrip())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
