@@ -129,7 +129,8 @@ def check_load(load: Experiments | None = None, device: str | torch.device = "cp
         mask = torch.ones_like(time, dtype=torch.bool)
     else:
         time, strain, mask = load.time, load.strain, load.mask
-    return CheckLoad(time.to(device, torch.float64), strain.to(device, torch.float64), mask.to(device))
+    return CheckLoad(time.to(device, torch.float64), strain.to(device, torch.float64),
+                     mask.to(device))
 
 
 def _tensors(params: Mapping[str, float], like: torch.Tensor,
@@ -236,7 +237,7 @@ def check_adjoint(model: MaterialModel, params: Mapping[str, float], calibrated:
     rel = torch.where(kink, one_sided, rel)
     value = float(rel.max())
     per = ", ".join(f"{k} {float(r):.1e}" + (" (kink: one-sided)" if bool(c) else "")
-                    for k, r, c in zip(calibrated, rel, kink))
+                    for k, r, c in zip(calibrated, rel, kink, strict=True))
     detail = (f"relative error by parameter: {per}; central differences, step {FD_STEP:g} "
               f"relative, solves at rtol = atol = {GRADIENT_TOLERANCE:g}")
     return CheckResult(name, value, tol, value <= tol, detail)
@@ -331,7 +332,8 @@ def read_simulation_load(path: str | os.PathLike, n_specimens: int | None = None
     ``n_specimens`` must be None or the number of ids), else the single path replicated for
     ``n_specimens`` (default 1) specimens ``S001``, ``S002``, ..."""
     if n_specimens is not None and n_specimens < 1:
-        raise BadInput(f"the number of specimens (--specimens) must be at least 1, got {n_specimens}")
+        raise BadInput("the number of specimens (--specimens) must be at least 1, "
+                       f"got {n_specimens}")
     load = read_load_path(path)
     if _has_specimen_column(path):
         if n_specimens is not None and n_specimens != load.n_specimens:
@@ -391,11 +393,15 @@ def parameters_path(out: str | os.PathLike) -> Path:
 
 
 def output_paths(out: str | os.PathLike) -> tuple[Path, Path]:
-    """The data file ``out`` and its parameters file, after checking that they can be written
-    (so that a simulation does not run only to fail at the end)."""
+    """The data file ``out`` and its parameters file, after creating ``out``'s directory if
+    needed and checking that it is a file name (so that a simulation does not run only to fail
+    at the end)."""
     out = Path(out)
-    if not out.parent.is_dir():
-        raise BadInput(f"{out}: directory {str(out.parent)!r} does not exist")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BadInput(f"{out}: cannot create directory {str(out.parent)!r}: "
+                       f"{exc.strerror or exc}") from None
     if out.is_dir():
         raise BadInput(f"{out}: is a directory (give a file name for the data CSV)")
     return out, parameters_path(out)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
@@ -120,7 +119,8 @@ def _add_simulate(subparsers) -> argparse.ArgumentParser:
         "<out stem>.params.csv with each specimen's parameters.")
     parser.add_argument("card", metavar="CARD", help="model card (TOML)")
     parser.add_argument("--load", metavar="LOAD.csv", required=True,
-                        help="load path: time, strain (and optionally specimen, temperature, labels)")
+                        help="load path: time, strain (optionally specimen, temperature, "
+                             "labels)")
     parser.add_argument("--specimens", metavar="K", type=int,
                         help="number of specimens (default: one per specimen id of the load "
                              "file, else 1)")
@@ -169,7 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
     _common_options(parser, suppress=False)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (add, run) in COMMANDS.items():
-        add(subparsers).set_defaults(run=run)
+        command = add(subparsers)
+        if subparsers.choices.get(name) is not command:
+            raise RuntimeError(f"COMMANDS[{name!r}]: its parser is not named {name!r}")
+        command.set_defaults(run=run)
     return parser
 
 
@@ -213,7 +216,7 @@ def _print_table(rows: list[tuple[str, ...]]) -> None:
     """Left-aligned columns; the last column is not padded."""
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     for row in rows:
-        cells = [cell.ljust(w) for cell, w in zip(row, widths)] + [row[-1]]
+        cells = [cell.ljust(w) for cell, w in zip(row[:-1], widths, strict=True)] + [row[-1]]
         print("  ".join(cells).rstrip())
 
 
