@@ -13,6 +13,7 @@ no traceback) or a usage error.
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from typing import Callable, Sequence
 
@@ -152,6 +153,95 @@ def _run_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------------------- fit
+
+
+def _add_fit(subparsers) -> argparse.ArgumentParser:
+    from bayescal.inference.svi import GUIDES, SVIConfig
+
+    defaults = SVIConfig()
+    parser = _command(
+        subparsers, "fit", "calibrate a card's hierarchical model against data",
+        "Fit the population, each specimen's parameters and the noise. MAP (L-BFGS) and a "
+        "Laplace approximation always come first; --method svi then refines the chosen guide. "
+        "Writes DIR/posterior.nc (ArviZ InferenceData), checkpoints and figures.")
+    parser.add_argument("card", metavar="CARD", help="model card (TOML)")
+    parser.add_argument("--data", metavar="DATA.csv", required=True, help="test data (long CSV)")
+    parser.add_argument("--method", choices=("map", "svi"), default="svi",
+                        help="map: the posterior mode only; svi: a guide (default: svi)")
+    parser.add_argument("--guide", choices=GUIDES, default=None,
+                        help=f"SVI guide (default: {defaults.guide}; map implies delta)")
+    parser.add_argument("--steps", type=int, default=defaults.steps, metavar="N",
+                        help=f"most SVI steps; stops earlier on an ELBO plateau "
+                             f"(default: {defaults.steps})")
+    parser.add_argument("--lr", type=float, default=defaults.lr, metavar="X",
+                        help=f"initial Adam learning rate (default: {defaults.lr})")
+    parser.add_argument("--particles", type=int, default=defaults.particles, metavar="P",
+                        help=f"ELBO particles per step, solved in one batch "
+                             f"(default: {defaults.particles})")
+    parser.add_argument("--draws", type=int, default=1000, metavar="D",
+                        help="posterior draws stored (default: 1000)")
+    parser.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (default: 0)")
+    parser.add_argument("--centered", action="store_true",
+                        help="centered parameterisation of the specimen level")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from DIR/checkpoint.pt when it exists")
+    parser.add_argument("--no-figures", action="store_true", help="skip the figures")
+    parser.add_argument("--out", metavar="DIR", required=True, help="output directory")
+    return parser
+
+
+def _run_fit(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from bayescal.card import load_card
+    from bayescal.data import read_experiments
+    from bayescal.fit import fit_to_directory
+    from bayescal.inference.svi import SVIConfig
+
+    _device(args)
+    for option in ("steps", "particles", "draws"):
+        if getattr(args, option) < 1:
+            raise BadInput(f"--{option} must be at least 1, got {getattr(args, option)}")
+    if not args.lr > 0:
+        raise BadInput(f"--lr must be positive, got {args.lr}")
+    if args.method == "map" and args.guide not in (None, "delta"):
+        raise BadInput(f"--method map takes no --guide {args.guide} (MAP is the delta guide)")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise BadInput(f"--out {out}: exists and is not a directory")
+    spec = load_card(args.card)
+    experiments = read_experiments(args.data)
+    guide = "delta" if args.method == "map" else (args.guide or SVIConfig().guide)
+    config = SVIConfig(guide=guide, steps=args.steps, lr=args.lr, particles=args.particles)
+    idata = fit_to_directory(spec, experiments, out, figures=not args.no_figures, method=args.method,
+                             config=config, draws=args.draws, seed=args.seed,
+                             centered=args.centered, resume=args.resume, command=args.command_line)
+    attrs = idata.posterior.attrs
+    print(f"wrote {out / 'posterior.nc'} ({args.method}, guide {guide}, {attrs['steps']} "
+          f"evaluations, {attrs['fit_time_s']:.0f} s fit, {attrs['solver_retries']} solver "
+          f"retries, {attrs['skipped_steps']} skipped steps)")
+    return 0
+
+
+# ----------------------------------------------------------------------------------- summary
+
+
+def _add_summary(subparsers) -> argparse.ArgumentParser:
+    parser = _command(subparsers, "summary", "posterior means, sd and 90% intervals")
+    parser.add_argument("posterior", metavar="POSTERIOR.nc", help="a fit's posterior.nc")
+    parser.add_argument("--population", action="store_true",
+                        help="only population-level variables (no per-specimen rows)")
+    return parser
+
+
+def _run_summary(args: argparse.Namespace) -> int:
+    from bayescal.summary import format_summary, load_posterior
+
+    print(format_summary(load_posterior(args.posterior), population_only=args.population))
+    return 0
+
+
 # ---------------------------------------------------------------------------------- registry
 
 #: Every command: name -> (declare its parser, run it). Add new commands here.
@@ -159,6 +249,8 @@ COMMANDS: dict[str, tuple[Callable, Callable[[argparse.Namespace], int]]] = {
     "models": (_add_models, _run_models),
     "check": (_add_check, _run_check),
     "simulate": (_add_simulate, _run_simulate),
+    "fit": (_add_fit, _run_fit),
+    "summary": (_add_summary, _run_summary),
 }
 
 
@@ -186,6 +278,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help, or a usage error (argparse printed it)
         return exc.code if isinstance(exc.code, int) else 2
+    args.command_line = shlex.join([PROG, *(sys.argv[1:] if argv is None else argv)])
     try:
         torch.set_default_dtype(torch.float64)
         if args.threads < 1:
