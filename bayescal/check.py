@@ -1,4 +1,4 @@
-"""Model verification and synthetic data: library functions that return numbers, no printing.
+"""Model verification: library functions that return numbers, no printing.
 
 :func:`check_model` runs four checks of a model card on a load path (by default the
 :func:`informative_path`), each a :class:`CheckResult`:
@@ -19,26 +19,19 @@
     largest difference in MPa.
 
 Parameters are the prior centres of the calibrated parameters and the values of the fixed
-ones (:func:`check_parameters`). :func:`simulate_experiments` draws specimens from a card's
-prior population and simulates synthetic data on a load path (``bayescal simulate``).
+ones (:func:`check_parameters`).
 """
 
 from __future__ import annotations
 
-import csv
-import os
-import tempfile
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Mapping, Sequence
 
-import numpy as np
 import torch
 
 from bayescal.card import ModelSpec
-from bayescal.data import Experiments, read_load_path, write_experiments
+from bayescal.data import Experiments
 from bayescal.errors import BadInput
-from bayescal.hierarchy import SolverFailure, draw_specimens
 from bayescal.material import MaterialModel, StrainControlledResidual, get_model
 from bayescal.simulate import SolverOptions, broadcast_params, integrate, refine, simulate
 
@@ -79,20 +72,26 @@ class CheckResult:
     detail: str
 
 
-def informative_path(points_per_segment: int = 30) -> tuple[torch.Tensor, torch.Tensor]:
-    """The informative load path: two strain rates, a relaxation hold, an unload and a
-    reload (:data:`INFORMATIVE_SEGMENTS`), ``points_per_segment`` recorded intervals per
-    segment, from zero. Returns ``time``, ``strain`` of shape ``(n,)`` (float64)."""
+def piecewise_path(segments, points_per_segment: int = 30) -> tuple[torch.Tensor, torch.Tensor]:
+    """A strain-controlled path from zero through ``segments`` of ``(duration_s, end_strain)``,
+    strain linear in time within each, ``points_per_segment`` recorded intervals per segment.
+    Returns ``time``, ``strain`` of shape ``(n,)`` (float64)."""
     if points_per_segment < 1:
         raise BadInput(f"points_per_segment must be at least 1, got {points_per_segment}")
     times, strains = [torch.zeros(1, dtype=torch.float64)], [torch.zeros(1, dtype=torch.float64)]
     t0, e0 = 0.0, 0.0
     u = torch.linspace(0.0, 1.0, points_per_segment + 1, dtype=torch.float64)[1:]
-    for duration, e1 in INFORMATIVE_SEGMENTS:
+    for duration, e1 in segments:
         times.append(t0 + u * duration)
         strains.append(e0 + u * (e1 - e0))
         t0, e0 = t0 + duration, e1
     return torch.cat(times), torch.cat(strains)
+
+
+def informative_path(points_per_segment: int = 30) -> tuple[torch.Tensor, torch.Tensor]:
+    """The informative load path: two strain rates, a relaxation hold, an unload and a
+    reload (:data:`INFORMATIVE_SEGMENTS`)."""
+    return piecewise_path(INFORMATIVE_SEGMENTS, points_per_segment)
 
 
 def check_parameters(spec: ModelSpec) -> dict[str, float]:
@@ -100,7 +99,7 @@ def check_parameters(spec: ModelSpec) -> dict[str, float]:
     return {name: (p.value if p.is_fixed else p.prior[0]) for name, p in spec.parameters.items()}
 
 
-def _require_builtin(spec: ModelSpec) -> MaterialModel:
+def require_builtin(spec: ModelSpec) -> MaterialModel:
     if spec.backend == "neml2":
         raise BadInput(f"{spec.path}: [model] backend = 'neml2': the neml2 backend is not "
                        "available yet")
@@ -289,7 +288,7 @@ def check_model(spec: ModelSpec, load: Experiments | None = None,
                 device: str | torch.device = "cpu") -> list[CheckResult]:
     """Run every check of a card's model on ``load`` (default: :func:`informative_path`) at
     :func:`check_parameters`. Raises :class:`BadInput` for a NEML2 card (not available yet)."""
-    model = _require_builtin(spec)
+    model = require_builtin(spec)
     path = check_load(load, device)
     params = check_parameters(spec)
     options = spec.solver
@@ -299,133 +298,3 @@ def check_model(spec: ModelSpec, load: Experiments | None = None,
         check_chunking(model, params, path, options),
         check_integration(model, params, path, options),
     ]
-
-
-# --------------------------------------------------------------------------- synthetic data
-
-
-@dataclass(frozen=True)
-class Synthetic:
-    """Synthetic data and the physical parameters of its specimens (``(specimen,)`` each,
-    in the model's parameter order)."""
-
-    experiments: Experiments
-    parameters: dict[str, torch.Tensor]
-
-
-def specimen_ids(n: int) -> tuple[str, ...]:
-    """``S001``, ``S002``, ... for ``n`` specimens."""
-    return tuple(f"S{i:03d}" for i in range(1, n + 1))
-
-
-def _has_specimen_column(path: str | os.PathLike) -> bool:
-    """Whether a (validated) CSV file's header names a ``specimen`` column."""
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        for row in csv.reader(f):
-            if any(cell.strip() for cell in row):
-                return "specimen" in (cell.strip() for cell in row)
-    return False
-
-
-def read_simulation_load(path: str | os.PathLike, n_specimens: int | None = None) -> Experiments:
-    """The load path of ``bayescal simulate``: one path per id of a ``specimen`` column (then
-    ``n_specimens`` must be None or the number of ids), else the single path replicated for
-    ``n_specimens`` (default 1) specimens ``S001``, ``S002``, ..."""
-    if n_specimens is not None and n_specimens < 1:
-        raise BadInput("the number of specimens (--specimens) must be at least 1, "
-                       f"got {n_specimens}")
-    load = read_load_path(path)
-    if _has_specimen_column(path):
-        if n_specimens is not None and n_specimens != load.n_specimens:
-            raise BadInput(f"{path}: has {load.n_specimens} specimen ids but {n_specimens} "
-                           f"specimens were asked for (--specimens): omit it or give "
-                           f"{load.n_specimens}")
-        return load
-    return read_load_path(path, specimens=specimen_ids(n_specimens or 1))
-
-
-def _noise_generator(seed: int) -> torch.Generator:
-    """A generator for measurement noise, independent of the stream of :func:`draw_specimens`."""
-    state = np.random.SeedSequence([seed, 1]).generate_state(1, dtype=np.uint64)[0]
-    return torch.Generator().manual_seed(int(state) & 0x7FFF_FFFF_FFFF_FFFF)
-
-
-def simulate_experiments(spec: ModelSpec, load: Experiments, seed: int = 0,
-                         noise_sd: float = 0.0, device: str | torch.device = "cpu") -> Synthetic:
-    """Draw one specimen per path of ``load`` from the card's prior population
-    (:func:`~bayescal.hierarchy.draw_specimens`), simulate its stress at the recorded points,
-    and add Gaussian noise of sd ``noise_sd`` MPa. Seeded: the same seed gives the same data.
-    Raises :class:`~bayescal.hierarchy.SolverFailure` if a specimen cannot be integrated."""
-    if not noise_sd >= 0:
-        raise BadInput(f"the noise sd (--noise) must be non-negative, got {noise_sd:g}")
-    model = _require_builtin(spec)
-    n = load.n_specimens
-    params = draw_specimens(spec, n, seed)
-    device = torch.device(device)
-    stress, report = simulate(
-        model, {k: v.to(device) for k, v in params.items()},
-        load.time.to(device, torch.float64), load.strain.to(device, torch.float64),
-        spec.solver, adjoint=False)
-    if report.n_failed:
-        raise SolverFailure(report)
-    stress = stress.cpu()
-    if noise_sd > 0:
-        noise = torch.randn(stress.shape, generator=_noise_generator(seed), dtype=stress.dtype)
-        stress = stress + noise_sd * noise
-    stress = torch.where(load.mask, stress, torch.nan)
-    return Synthetic(replace(load, stress=stress), {k: params[k] for k in model.parameters})
-
-
-def write_parameters(synthetic: Synthetic, path: str | os.PathLike) -> None:
-    """Write the specimens' parameters as CSV (``specimen`` then every model parameter),
-    atomically (a temporary file renamed over ``path``)."""
-    names = list(synthetic.parameters)
-    columns = [synthetic.parameters[k].tolist() for k in names]
-    rows = [[sid, *(repr(float(c[j])) for c in columns)]
-            for j, sid in enumerate(synthetic.experiments.specimens)]
-    _atomic_csv(Path(path), ["specimen", *names], rows)
-
-
-def parameters_path(out: str | os.PathLike) -> Path:
-    """Where the parameters of synthetic data ``out`` go: ``<out stem>.params.csv`` beside it."""
-    out = Path(out)
-    return out.with_name(f"{out.stem}.params.csv")
-
-
-def output_paths(out: str | os.PathLike) -> tuple[Path, Path]:
-    """The data file ``out`` and its parameters file, after creating ``out``'s directory if
-    needed and checking that it is a file name (so that a simulation does not run only to fail
-    at the end)."""
-    out = Path(out)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise BadInput(f"{out}: cannot create directory {str(out.parent)!r}: "
-                       f"{exc.strerror or exc}") from None
-    if out.is_dir():
-        raise BadInput(f"{out}: is a directory (give a file name for the data CSV)")
-    return out, parameters_path(out)
-
-
-def write_synthetic(synthetic: Synthetic, out: str | os.PathLike) -> tuple[Path, Path]:
-    """Write the data CSV and its parameters file, each atomically; returns both paths."""
-    out, params = output_paths(out)
-    write_experiments(synthetic.experiments, out)
-    write_parameters(synthetic, params)
-    return out, params
-
-
-def _atomic_csv(path: Path, header: list[str], rows: list[list]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
-            writer = csv.writer(f)
-            writer.writerow(header)
-            writer.writerows(rows)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -134,7 +134,7 @@ def _add_simulate(subparsers) -> argparse.ArgumentParser:
 
 def _run_simulate(args: argparse.Namespace) -> int:
     from bayescal.card import load_card
-    from bayescal.check import (
+    from bayescal.synthetic import (
         output_paths,
         read_simulation_load,
         simulate_experiments,

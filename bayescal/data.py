@@ -14,7 +14,7 @@ import os
 import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import torch
 
@@ -134,13 +134,19 @@ def read_load_path(path: str | os.PathLike, specimens: Sequence[str] | None = No
 
 def write_experiments(experiments: Experiments, path: str | os.PathLike) -> None:
     """Write ``experiments`` in the long CSV format (recorded points only), atomically."""
+    write_table(path, experiments._header(), experiments._rows())
+
+
+def write_table(path: str | os.PathLike, header: Sequence[str], rows: Iterable) -> None:
+    """Write a CSV table atomically: a temporary file in the same folder renamed over ``path``,
+    so that an interrupted write never leaves a half-written or missing file."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
             writer = csv.writer(f)
-            writer.writerow(experiments._header())
-            writer.writerows(experiments._rows())
+            writer.writerow(header)
+            writer.writerows(rows)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)

@@ -50,8 +50,8 @@ class SolverOptions:
     n_chunk: int = 20
     substeps: int = 4
     transient_substeps: int = 16
-    grading: float = 1.25
-    rtol: float = 1e-8
+    grading: float = 1.0
+    rtol: float = 1e-12
     atol: float = 1e-8
     max_iterations: int = 40
     first_chunk: int = 1
@@ -234,6 +234,13 @@ def integrate(model: MaterialModel, params: Mapping[str, torch.Tensor | float], 
     forces = (grid.time[..., None], grid.strain[..., None])
     if adjoint:
         states = nonlinear.solve_adjoint(solver, y0, grid.n_steps, *forces)
+        if report.n_failed:
+            # A failed specimen's state is NaN, but flow rules gated on ``f > 0`` would give
+            # some of its parameters zero gradients: make every one of them NaN instead.
+            poison = torch.where(report.failed, torch.nan, 0.0)
+            for value in p.values():
+                if value.requires_grad:
+                    states = states + (poison * value)[None, :, None]
     else:
         with torch.no_grad():
             states = nonlinear.solve(solver, y0, grid.n_steps, *forces)
