@@ -117,7 +117,7 @@ def test_map_is_one_point_with_noise_only_bands(small_problem):
     idata = fit(load_card(CARD), experiments, method="map", config=QUICK, draws=20,
                 progress=False)
     assert idata.posterior.attrs["guide"] == "delta"
-    assert float(idata.posterior["sy"].std(dim=("chain", "draw")).max()) == 0.0
+    assert float(idata.posterior["sy"].std(dim=("chain", "draw")).max()) < 1e-9
     assert float(idata.posterior_predictive["stress"].std(dim=("chain", "draw")).mean()) > 0.5
 
 
