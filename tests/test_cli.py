@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import arviz as az
 import pytest
 import torch
 
@@ -335,3 +336,76 @@ def test_unexpected_errors_exit_1_with_a_hint(capsys, monkeypatch):
                    "(rerun with --debug for the traceback)\n")
     with pytest.raises(RuntimeError, match="something broke"):
         main(["models", "--debug"])
+
+
+# ------------------------------------------------------------------------------ fit, summary
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    """Three noisy specimens on a short informative path, written by ``bayescal simulate``."""
+    folder = tmp_path_factory.mktemp("tiny")
+    time, strain = informative_path(6)
+    load = write_csv(folder / "load.csv", ["time", "strain"],
+                     zip(map(repr, time.tolist()), map(repr, strain.tolist()), strict=True))
+    out = folder / "data.csv"
+    assert main(["simulate", PERZYNA, "--load", str(load), "--specimens", "3", "--seed", "2",
+                 "--noise", "2", "--out", str(out)]) == 0
+    return out
+
+
+def test_fit_then_summary_from_the_command_line(capsys, tmp_path, tiny_data):
+    out = tmp_path / "fit"
+    capsys.readouterr()
+    status, stdout, err = run(capsys, "fit", PERZYNA, "--data", tiny_data, "--method", "map",
+                              "--draws", 5, "--seed", 4, "--out", out)
+    assert status == 0, err
+    assert f"wrote {out / 'posterior.nc'} (map, guide delta" in stdout
+    for name in ("posterior.nc", "fit_bands.png", "elbo.png", "population.png"):
+        assert (out / name).is_file(), name
+    idata = az.from_netcdf(out / "posterior.nc")
+    assert idata.posterior.attrs["command"] == (
+        f"bayescal fit {PERZYNA} --data {tiny_data} --method map --draws 5 --seed 4 --out {out}")
+    assert idata.posterior.attrs["seed"] == 4
+    status, stdout, _ = run(capsys, "summary", out / "posterior.nc", "--population")
+    assert status == 0
+    lines = stdout.splitlines()
+    assert lines[0].startswith("method map (guide delta), model perzyna-voce, 1 chain(s) x 5 draws")
+    assert lines[1].split() == ["mean", "sd", "hdi_5%", "hdi_95%"]
+    assert [line.split()[0] for line in lines[2:]] == [
+        "sy_pop_mean", "sy_pop_sd", "Rinf_pop_mean", "Rinf_pop_sd", "d_pop_mean", "d_pop_sd",
+        "eta_pop_mean", "eta_pop_sd", "noise_sd"]
+
+
+def test_fit_bad_options_and_inputs(capsys, tmp_path, tiny_data):
+    out = tmp_path / "fit"
+    one_line_error(capsys, ["fit", PERZYNA, "--data", tiny_data, "--steps", 0, "--out", out],
+                   "--steps must be at least 1, got 0")
+    one_line_error(capsys, ["fit", PERZYNA, "--data", tiny_data, "--lr", -0.1, "--out", out],
+                   "--lr must be positive, got -0.1")
+    one_line_error(capsys, ["fit", PERZYNA, "--data", tiny_data, "--draws", 0, "--out", out],
+                   "--draws must be at least 1, got 0")
+    one_line_error(capsys, ["fit", PERZYNA, "--data", tiny_data, "--method", "map",
+                            "--guide", "mvn", "--out", out],
+                   "--method map takes no --guide mvn (MAP is the delta guide)")
+    missing = tmp_path / "nope.csv"
+    one_line_error(capsys, ["fit", PERZYNA, "--data", missing, "--out", out],
+                   f"{missing}: file not found")
+    blocker = tmp_path / "blocker"
+    blocker.write_text("")
+    one_line_error(capsys, ["fit", PERZYNA, "--data", tiny_data, "--out", blocker],
+                   f"--out {blocker}: exists and is not a directory")
+    status, _, err = run(capsys, "fit", PERZYNA, "--data", tiny_data, "--method", "nuts",
+                         "--out", out)
+    assert status == 2 and "invalid choice: 'nuts'" in err
+    assert not out.exists()
+
+
+def test_summary_of_a_file_that_is_not_a_posterior(capsys, tmp_path):
+    missing = tmp_path / "none.nc"
+    one_line_error(capsys, ["summary", missing], f"{missing}: no such file")
+    junk = tmp_path / "junk.nc"
+    junk.write_text("not netcdf")
+    status, _, err = run(capsys, "summary", junk)
+    assert status == 2 and err.count("\n") == 1
+    assert err.startswith(f"bayescal: error: {junk}: not a readable netCDF InferenceData")
