@@ -101,6 +101,7 @@ class Hierarchy:
         self.grid = refine(experiments.time, experiments.strain, self.options)
         self.last_report: SolveReport | None = None
         self.warm_start = warm_start
+        self.strict = True  # a failed solve raises SolverFailure (else: NaN, see last_report)
         self._previous: torch.Tensor | None = None
 
     # -- priors -----------------------------------------------------------------------
@@ -146,7 +147,7 @@ class Hierarchy:
         return values
 
     def simulate(self, values: dict[str, torch.Tensor], adjoint: bool = True,
-                 strict: bool = True) -> torch.Tensor:
+                 strict: bool | None = None) -> torch.Tensor:
         """Stress at recorded points, shape (..., specimen, step), for physical parameter values
         (batched over any leading dimensions). A failed solve raises :class:`SolverFailure`
         when ``strict``, else leaves NaN (see ``last_report``)."""
@@ -168,7 +169,7 @@ class Hierarchy:
         self.last_report = report
         if self.warm_start and not report.n_failed:
             self._previous = states.detach()
-        if report.n_failed and strict:
+        if report.n_failed and (self.strict if strict is None else strict):
             raise SolverFailure(report)
         stress = self.model.stress(states[grid.recorded])  # (step, n_total)
         return stress.T.reshape(*batch, -1)

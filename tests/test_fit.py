@@ -45,7 +45,7 @@ def small_problem():
     return synthetic(3, seed=5, points_per_segment=8)
 
 
-QUICK = SVIConfig(guide="mvn", steps=30, min_steps=10, map_evaluations=30, particles=2)
+QUICK = SVIConfig(guide="mvn", steps=30, min_steps=10, map_iterations=8, particles=2)
 
 
 @pytest.fixture(scope="module")
