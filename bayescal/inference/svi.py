@@ -44,7 +44,10 @@ GUIDES = ("delta", "normal", "lowrank", "mvn")
 @dataclass(frozen=True)
 class SVIConfig:
     """Settings of one fit. ``steps`` bounds the SVI stage, which stops earlier on a plateau
-    of the ELBO; the learning rate decays geometrically to ``lr * lr_final``."""
+    of the ELBO; the learning rate decays geometrically to ``lr * lr_final``. The guide starts
+    with ``laplace_scale`` times the Laplace covariance: the hierarchical posterior is far
+    from Gaussian along the population spread, and the full Laplace covariance started the
+    ELBO about ten times above the MAP's negative log joint."""
 
     guide: str = "mvn"
     steps: int = 1000
@@ -53,6 +56,7 @@ class SVIConfig:
     particles: int = 8
     map_iterations: int = 40
     hessian_step: float = 1e-4
+    laplace_scale: float = 0.1
     window: int = 50
     min_steps: int = 100
     clip_norm: float = 10.0
@@ -172,11 +176,12 @@ def gradient_and_hessian(packing: Packing, u: torch.Tensor, step: float):
 
 
 def _floored(neg_hessian: torch.Tensor):
-    """Eigen-decomposition with eigenvalues floored at 1: no direction gets a standard
-    deviation above 1 in the unconstrained coordinates (where the priors have scales of about
-    1); away from a mode the Hessian can be indefinite."""
+    """Eigen-decomposition with eigenvalues replaced by their magnitude (away from a mode the
+    Hessian can be indefinite: a negative curvature still measures how fast the density
+    changes) and floored at 1, so that no direction gets a standard deviation above 1 in the
+    unconstrained coordinates, where the priors have scales of about 1."""
     eigval, eigvec = torch.linalg.eigh(neg_hessian)
-    return eigval.clamp_min(1.0), eigvec
+    return eigval.abs().clamp_min(1.0), eigvec
 
 
 LINE_SEARCH = (1.0, 0.5, 0.25, 0.1, 0.03, 0.01)
@@ -243,9 +248,10 @@ def make_guide(h: Hierarchy, kind: str, packing: Packing, u_map: torch.Tensor,
         raise ValueError(f"unknown guide {kind!r}; choose one of {', '.join(GUIDES)}")
     with poutine.block(), torch.no_grad():
         guide._setup_prototype()
-        if kind == "mvn":
-            guide.scale = torch.ones_like(u_map)
-            guide.scale_tril = torch.linalg.cholesky(covariance)
+        if kind == "mvn":  # Pyro's scale_tril has a unit diagonal; scale carries the rest
+            tril = torch.linalg.cholesky(covariance)
+            guide.scale = tril.diagonal()
+            guide.scale_tril = tril / tril.diagonal()[:, None]
         elif kind == "lowrank":
             eigval, eigvec = torch.linalg.eigh(covariance)
             top = eigvec[:, -guide.rank:] * eigval[-guide.rank:].sqrt()
@@ -343,7 +349,8 @@ def run_svi(h: Hierarchy, config: SVIConfig = SVIConfig(), seed: int = 0,
             if writer is not None:
                 writer(state, None, None)
         bar.n = config.map_iterations
-        guide = make_guide(h, config.guide, packing, state.u_map, state.covariance)
+        guide = make_guide(h, config.guide, packing, state.u_map,
+                           config.laplace_scale * state.covariance)
         if stochastic:
             if saved is not None and saved.get("guide") is not None:
                 guide.load_state_dict(saved["guide"])
