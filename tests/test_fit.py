@@ -162,9 +162,6 @@ def test_resume_continues_from_checkpoint_and_keeps_old_posterior(tmp_path, smal
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=(
-    "known failure, issue 3 open: on this problem the fit lands with sy_pop_mean 367 against "
-    "a sample mean of 280 (31% off); the MAP/Laplace/SVI pipeline needs work"))
 def test_recovery_and_coverage_mvn():
     """10 specimens from a known population on the informative path: population means within
     5%, noise within 30%, and the 90% intervals of the specimen values cover at least 75% of

@@ -45,9 +45,8 @@ GUIDES = ("delta", "normal", "lowrank", "mvn")
 class SVIConfig:
     """Settings of one fit. ``steps`` bounds the SVI stage, which stops earlier on a plateau
     of the ELBO; the learning rate decays geometrically to ``lr * lr_final``. The guide starts
-    with ``laplace_scale`` times the Laplace covariance: the hierarchical posterior is far
-    from Gaussian along the population spread, and the full Laplace covariance started the
-    ELBO about ten times above the MAP's negative log joint."""
+    with ``laplace_scale`` times the Laplace covariance (measured: 1.0 gave 90% intervals
+    covering 85% of true specimen values on the recovery test, 0.1 only 35%)."""
 
     guide: str = "mvn"
     steps: int = 1000
@@ -56,7 +55,7 @@ class SVIConfig:
     particles: int = 8
     map_iterations: int = 40
     hessian_step: float = 1e-4
-    laplace_scale: float = 0.1
+    laplace_scale: float = 1.0
     window: int = 50
     min_steps: int = 100
     clip_norm: float = 10.0
@@ -129,6 +128,30 @@ class Packing:
     def dim(self) -> int:
         return self.u0.numel()
 
+    def slices(self) -> dict[str, slice]:
+        """Where each site sits in the packed vector."""
+        out, pos = {}, 0
+        for site, free in self.layout._unpack_latent(self.u0):
+            out[site["name"]] = slice(pos, pos + free.numel())
+            pos += free.numel()
+        return out
+
+    def recentre(self, u: torch.Tensor) -> torch.Tensor:
+        """Move each varying parameter's population location to the mean of its specimens
+        (in z), keeping every specimen's value, and so the likelihood, unchanged: an exact
+        move along the valley of the non-centered parameterisation, where gradient steps
+        creep. Rows of ``u`` (B, dim) are moved independently."""
+        h, where = self.h, self.slices()
+        u = u.clone()
+        for name in h.spec.varying:
+            pop, offset = where[f"{name}_pop_z"], where[f"{name}_offset"]
+            cv = u[:, where[f"{name}_cv"]].exp()
+            z = u[:, pop] + h.specimen_scale(name, u[:, pop], cv) * u[:, offset]
+            centre = z.mean(-1, keepdim=True)
+            u[:, pop] = centre
+            u[:, offset] = (z - centre) / h.specimen_scale(name, centre, cv)
+        return u
+
     def constrain(self, u: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Site values for a batch ``u`` (B, dim), shaped for a draws plate at dim -2, and the
         log |det| of the unconstraining transforms per row."""
@@ -193,8 +216,9 @@ def fit_map(packing: Packing, state: SVIState, max_iterations: int, step: float,
     """MAP by damped Newton with the finite-difference Hessian, and the Laplace covariance.
 
     Each iteration solves one batch for the gradient and Hessian and one batch for a line
-    search over several step lengths, no coordinate moving more than ``MAX_STEP`` (a point
-    whose solve fails, or whose values are not finite, counts as -inf). Stops when
+    search over several step lengths, no coordinate moving more than ``MAX_STEP``, each also
+    tried recentred (:meth:`Packing.recentre`); a point whose solve fails, or whose values
+    are not finite, counts as -inf. Stops when
     half the Newton decrement is below 1e-3 nats or no step length improves. Returns the
     MAP point (unconstrained) and the inverse floored negative Hessian there.
     """
@@ -213,17 +237,20 @@ def fit_map(packing: Packing, state: SVIState, max_iterations: int, step: float,
         # trust region: at most MAX_STEP in any unconstrained coordinate
         alphas = torch.tensor(LINE_SEARCH, dtype=u.dtype) * min(
             1.0, MAX_STEP / float(delta.abs().max()))
+        candidates = u + alphas[:, None] * delta
+        if not h.centered and h.spec.varying:
+            candidates = torch.cat([candidates, packing.recentre(candidates)])
         h.strict = False
         try:
             with torch.no_grad(), pyro.validation_enabled(False):
-                trial = packing.log_joint(u + alphas[:, None] * delta)
+                trial = packing.log_joint(candidates)
         finally:
             h.strict = True
         trial = torch.nan_to_num(trial, nan=-torch.inf)
         best = int(trial.argmax())
         if not trial[best] > value:
             break
-        u = u + alphas[best] * delta
+        u = candidates[best]
     else:
         value, grad, neg_hessian = gradient_and_hessian(packing, u, step)
         eigval, eigvec = _floored(neg_hessian)
