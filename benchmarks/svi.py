@@ -1,11 +1,14 @@
 """Benchmark: MAP, Laplace and SVI guides on one synthetic hierarchical problem.
 
-The problem is the one of ``tests/test_fit.py``: ``synthetic(n_specimens, seed,
-points_per_segment)`` puts specimens drawn from a known population (population means
-``TRUE_MEANS``, 8 % coefficient of variation, Gaussian noise of sd 2 MPa) on the
-informative load path, for the ``perzyna-voce`` card ``models/perzyna-voce.toml`` (sy,
-Rinf, d and eta vary by specimen). Default: 12 specimens, 30 recorded points per segment
-(151 recorded points, 661 integration steps per specimen), data seed 11, fit seed 0.
+The problem is the one of ``tests/test_fit.py``, imported from there: ``synthetic(n_specimens,
+seed, points_per_segment)`` puts specimens drawn from a known population (population means
+``TRUE_MEANS``, 8 % coefficient of variation, Gaussian noise of sd 2 MPa) on the test's
+load path (``RECOVERY_SEGMENTS`` at the time of writing: two rates, a relaxation hold, an
+unload and a reload to 16 % strain), for the ``perzyna-voce`` card
+``models/perzyna-voce.toml`` (sy, Rinf, d and eta vary by specimen). Default: 12 specimens,
+30 recorded points per segment (151 recorded points), data seed 11, fit seed 0. The git
+commit (and a hash of any uncommitted change under ``bayescal/`` and ``tests/``) is stored
+with the results.
 
 Three measurements:
 
@@ -21,11 +24,13 @@ Three measurements:
    parameters), the relative error of the posterior-mean noise sd, and, from 400 posterior
    draws, the coverage of the 90 % intervals (fraction of the specimen x parameter truths
    inside the 5 %-95 % quantiles) and the mean interval width relative to the true value.
-   The same numbers for the **Laplace approximation alone**: ``SVIConfig(guide=g, steps=1,
-   min_steps=1)`` for each stochastic guide, which stops SVI after a single Adam step
-   (learning rate 0.01) from the Laplace initialisation. Two more rows, ``mvn+fix``
-   (``--skip fixed`` leaves them out): the ``mvn`` guide started at the Laplace covariance
-   itself, see :func:`fixed_mvn_init` (``make_guide`` does not do that today).
+   The same numbers for the **Laplace approximation alone** (rows ``laplace``):
+   ``SVIConfig(guide=g, steps=1, min_steps=1, laplace_scale=1.0)`` for each stochastic
+   guide, which stops SVI after a single Adam step (learning rate 0.01) from the MAP point
+   with the full Laplace covariance (diagonal of it for ``normal``, rank-r + diagonal for
+   ``lowrank``). SVI itself starts from ``laplace_scale`` (default 0.1) times that
+   covariance; row ``svi-init`` is that starting point for ``mvn`` (``steps=1`` with the
+   default ``laplace_scale``), so that the table shows what the SVI steps add.
 2. **Posterior predictive, batched vs per draw.** Noise-free stress of the specimens for 100
    draws of the ``mvn`` guide: :func:`bayescal.inference.draws.posterior_draws` (one
    batched solve of 100 x specimens) against a loop of 100 :meth:`Hierarchy.predict` calls
@@ -57,13 +62,14 @@ next to them, and the load average at start and end.
 
 Usage::
 
-    PYTHONPATH=. python benchmarks/svi.py            # 12 specimens, all guides (~20-30 min)
+    PYTHONPATH=. python benchmarks/svi.py            # 12 specimens, all guides (~1 h, 2 cores)
     PYTHONPATH=. python benchmarks/svi.py --quick    # 6 specimens, 10 points, delta + mvn
+    PYTHONPATH=. python benchmarks/svi.py --resume   # only the stages missing from --out
 
 Output: tables on stdout and ``benchmarks/results/svi.json`` (``--out``), a list of records,
 written again after every stage:
 
-* ``{"method": "svi" | "laplace", "guide", "wall_s", "cpu_s", "map_s", "svi_s",
+* ``{"method": "svi" | "laplace" | "svi-init", "guide", "wall_s", "cpu_s", "map_s", "svi_s",
   "map_iterations", "map_evaluations", "svi_steps", "s_per_step", "pop_mean_err_max",
   "pop_mean_err_vs_sample_max", "noise_err", "coverage90", "rel_width90", ...}``
   (``method`` is ``"svi"`` for the ``delta`` row too, the MAP-only fit);
@@ -203,36 +209,6 @@ def map_trajectory(h: Hierarchy, points, start: float, truth, record: dict,
     return out
 
 
-@contextmanager
-def fixed_mvn_init(active: bool = True):
-    """Start the mvn guide at the Laplace covariance itself.
-
-    ``make_guide`` assigns ``cholesky(covariance)`` to ``AutoMultivariateNormal.scale_tril``,
-    whose constraint is ``unit_lower_cholesky``: its diagonal is dropped (replaced by ones),
-    and with ``scale = 1`` the guide starts with covariance ``L1 L1^T`` (``L1`` the Cholesky
-    factor with a unit diagonal), every marginal sd >= 1 in the unconstrained space, not the
-    Laplace covariance. This wrapper (benchmark only; bayescal is not changed) sets
-    ``scale = diag(L)`` and ``scale_tril = L / diag(L)[:, None]``, so that
-    ``scale[:, None] * scale_tril == L``."""
-    original = svi_module.make_guide
-
-    def make_guide(h, kind, packing, u_map, covariance):
-        guide = original(h, kind, packing, u_map, covariance)
-        if kind == "mvn" and covariance is not None:
-            factor = torch.linalg.cholesky(covariance)
-            with poutine.block(), torch.no_grad():
-                guide.scale = factor.diagonal().clone()
-                guide.scale_tril = factor / factor.diagonal()[:, None]
-        return guide
-
-    if active:
-        svi_module.make_guide = make_guide
-    try:
-        yield
-    finally:
-        svi_module.make_guide = original
-
-
 def specimen_values(h: Hierarchy, latents: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Physical specimen values ``(draw, specimen)`` of the varying parameters for latent
     draws (the first half of :meth:`Hierarchy.predict`, without the solve)."""
@@ -280,6 +256,23 @@ def accuracy(h: Hierarchy, guide, truth: dict[str, torch.Tensor], draws: int,
     return out
 
 
+def git_state() -> dict:
+    """Commit of the checkout and a hash of uncommitted changes to bayescal/ and tests/."""
+    import hashlib
+    import subprocess
+
+    def git(*cmd) -> str:
+        try:
+            return subprocess.run(["git", *cmd], cwd=ROOT, capture_output=True, text=True,
+                                  check=True).stdout
+        except (OSError, subprocess.CalledProcessError):
+            return ""
+
+    diff = git("diff", "HEAD", "--", "bayescal", "tests")
+    return {"commit": git("rev-parse", "--short", "HEAD").strip() or None,
+            "uncommitted_sha1": hashlib.sha1(diff.encode()).hexdigest()[:12] if diff else None}
+
+
 def pct(x) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.2f}"
 
@@ -287,19 +280,15 @@ def pct(x) -> str:
 # --------------------------------------------------------------------------- 1. guides
 
 
-def run_guide(spec, experiments, truth, config: SVIConfig, method: str, args,
-              fixed: bool = False) -> dict:
+def run_guide(spec, experiments, truth, config: SVIConfig, method: str, args) -> dict:
     h = Hierarchy(spec, experiments)
-    with fixed_mvn_init(fixed), map_recorder() as points, stage_timer() as stages, \
-            Clock() as clock:
+    with map_recorder() as points, stage_timer() as stages, Clock() as clock:
         start = time.perf_counter()
         result = run_svi(h, config, seed=args.fit_seed, progress=False)
     state = result.state
     record = {
         "method": method,
-        "guide": config.guide + ("+fix" if fixed else ""),
-        "mvn_init": ("laplace covariance (benchmark fix)" if fixed and config.guide == "mvn"
-                     else "as bayescal"),
+        "guide": config.guide,
         "wall_s": result.wall_time,
         "cpu_s": clock.cpu,
         **stages,
@@ -601,12 +590,15 @@ def main(argv=None) -> int:
     parser.add_argument("--seed-lrs", default="0.005,0.02", help="Adam rates of the seed path")
     parser.add_argument("--seed-cov", type=float, default=0.35, help="MapNormal cov")
     parser.add_argument("--skip", default="",
-                        help="comma-separated: laplace,fixed,predictive,seed")
+                        help="comma-separated: laplace,svi-init,predictive,seed")
     parser.add_argument("--map-iterations", type=int, default=SVIConfig.map_iterations,
                         help="Newton iterations of the MAP stage (SVIConfig default)")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--verbose", action="store_true")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the records already in --out (same problem) and run only "
+                             "the stages that have none")
     args = parser.parse_args(argv)
     args.specimens = args.specimens or (6 if args.quick else 12)
     args.points = args.points or (10 if args.quick else 30)
@@ -621,9 +613,11 @@ def main(argv=None) -> int:
                                    points_per_segment=args.points)
     problem = {"specimens": args.specimens, "points_per_segment": args.points,
                "recorded_points": experiments.n_steps, "data_seed": args.data_seed,
-               "fit_seed": args.fit_seed, "threads": args.threads}
+               "fit_seed": args.fit_seed, "threads": args.threads, **git_state()}
     print(f"load average at start: {os.getloadavg()[0]:.2f} (cores: {os.cpu_count()}); "
           f"{package_versions()}")
+    print(f"code: commit {problem['commit']}, uncommitted bayescal/tests change "
+          f"{problem['uncommitted_sha1']}")
     print(f"problem: {args.specimens} specimens, {args.points} points per segment "
           f"({experiments.n_steps} recorded points), data seed {args.data_seed}, "
           f"fit seed {args.fit_seed}, torch threads {args.threads}", flush=True)
@@ -632,6 +626,15 @@ def main(argv=None) -> int:
                                           for k, v in truth.items()), flush=True)
 
     records: list[dict] = []
+    if args.resume and args.out.exists():
+        records = [r for r in json.loads(args.out.read_text())
+                   if all(r.get(k) == v for k, v in problem.items() if k != "threads")]
+        if len(records) == 0:
+            print("no records of this problem and code state to resume from", flush=True)
+        print(f"resuming: {len(records)} records from {args.out}", flush=True)
+
+    def have(method: str, guide: str) -> bool:
+        return any(r["method"] == method and r.get("guide") == guide for r in records)
 
     def save() -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -639,6 +642,8 @@ def main(argv=None) -> int:
 
     fits = {}
     for guide in guides:
+        if have("svi", guide):
+            continue
         print(f"  fitting guide {guide} ...", flush=True)
         config = SVIConfig(guide=guide, map_iterations=args.map_iterations)
         record, h, result = run_guide(spec, experiments, truth, config, "svi", args)
@@ -648,45 +653,41 @@ def main(argv=None) -> int:
         print(f"    {record['wall_s']:.1f} s, {record['map_iterations']} Newton iterations "
               f"({record['map_evaluations']} points), "
               f"{record['svi_steps']} SVI steps, coverage {record['coverage90']:.3f}", flush=True)
-    if "laplace" not in skip:
-        for guide in [g for g in guides if g != "delta"]:
-            print(f"  Laplace only, guide {guide} ...", flush=True)
-            record, _, _ = run_guide(spec, experiments, truth,
-                                     SVIConfig(guide=guide, steps=1, min_steps=1,
-                                               map_iterations=args.map_iterations), "laplace",
-                                     args)
-            records.append(record)
-            save()
-            print(f"    {record['wall_s']:.1f} s, coverage {record['coverage90']:.3f}",
-                  flush=True)
-    if "fixed" not in skip and "mvn" in guides:
-        for method, config in (("laplace", SVIConfig(guide="mvn", steps=1, min_steps=1,
-                                                     map_iterations=args.map_iterations)),
-                               ("svi", SVIConfig(guide="mvn",
-                                                 map_iterations=args.map_iterations))):
-            if method == "laplace" and "laplace" in skip:
-                continue
-            print(f"  {method}, guide mvn started at the Laplace covariance (benchmark fix) ...",
-                  flush=True)
-            record, _, _ = run_guide(spec, experiments, truth, config, method, args, fixed=True)
-            records.append(record)
-            save()
-            print(f"    {record['wall_s']:.1f} s, {record['svi_steps']} SVI steps, "
-                  f"coverage {record['coverage90']:.3f}", flush=True)
-    guide_records = [r for r in records if r["method"] in ("svi", "laplace")]
+    # The Laplace approximation alone: the guide at the MAP with the full Laplace covariance,
+    # stopped after one SVI step. Where SVI starts from a fraction of that covariance
+    # (SVIConfig.laplace_scale), also that starting point, for the mvn guide ("svi-init").
+    scaled = getattr(SVIConfig, "laplace_scale", 1.0)
+    starts = [("laplace", g, {"laplace_scale": 1.0} if scaled != 1.0 else {})
+              for g in guides if g != "delta"]
+    if scaled != 1.0 and "mvn" in guides:
+        starts.append(("svi-init", "mvn", {}))
+    for method, guide, extra in starts:
+        if method in skip or have(method, guide):
+            continue
+        print(f"  {method}, guide {guide} ...", flush=True)
+        config = SVIConfig(guide=guide, steps=1, min_steps=1,
+                           map_iterations=args.map_iterations, **extra)
+        record, _, _ = run_guide(spec, experiments, truth, config, method, args)
+        records.append(record)
+        save()
+        print(f"    {record['wall_s']:.1f} s, coverage {record['coverage90']:.3f}", flush=True)
+    guide_records = [r for r in records if r["method"] in ("svi", "laplace", "svi-init")]
     print("\n== 1. guides (errors in %, coverage of 90 % intervals of the specimen truths)\n")
     guide_table(guide_records)
     print("\nper parameter: coverage90 / mean relative width90\n")
     coverage_table(guide_records)
 
-    if "predictive" not in skip and "mvn" in fits:
-        print("\n  posterior predictive, batched vs per draw ...", flush=True)
+    if "predictive" not in skip and "mvn" in fits and not have("predictive", "mvn"):
+        print("\n  posterior predictive, batched vs per draw (draws of mvn) ...", flush=True)
         h, result = fits["mvn"]
         record = predictive_comparison(spec, experiments, h, result.guide, args)
         records.append(record)
         save()
-        print(f"\n== 2. posterior predictive: noise-free stress, {record['draws']} draws x "
-              f"{args.specimens} specimens ({record['specimen_solves']} specimen solves)\n")
+    record = next((r for r in records if r["method"] == "predictive"), None)
+    if record is not None:
+        print(f"\n== 2. posterior predictive: noise-free stress, {record['draws']} draws "
+              f"({record['guide']} guide) x {args.specimens} specimens "
+              f"({record['specimen_solves']} specimen solves)\n")
         print(f"{'method':<34} {'wall_s':>8} {'cpu_s':>8}")
         print(f"{'posterior_draws (one batched)':<34} {record['batched_s']:>8.2f} "
               f"{record['batched_cpu_s']:>8.2f}")
@@ -697,10 +698,12 @@ def main(argv=None) -> int:
               f"(warm-started loop: {record['ratio_warm_start']:.1f}x); "
               f"max |difference| {record['max_abs_diff_mpa']:.2e} MPa")
 
-    if "seed" not in skip and "delta" in fits:
-        map_record = next(r for r in records if r["method"] == "svi" and r["guide"] == "delta")
-        seeds = []
-        for lr in (float(x) for x in args.seed_lrs.split(",")):
+    map_record = next((r for r in records if r["method"] == "svi" and r["guide"] == "delta"),
+                      None)
+    if "seed" not in skip and map_record is not None:
+        seeds = [r for r in records if r["method"] == "pyzag_autodelta"]
+        done = {r["lr"] for r in seeds}
+        for lr in (float(x) for x in args.seed_lrs.split(",") if float(x) not in done):
             print(f"\n  seed path: pyzag HierarchicalStatisticalModel + AutoDelta, lr {lr:g} ...",
                   flush=True)
             record = seed_path(spec, experiments, truth, map_record, lr, args)
