@@ -28,9 +28,10 @@ Three measurements:
    ``SVIConfig(guide=g, steps=1, min_steps=1, laplace_scale=1.0)`` for each stochastic
    guide, which stops SVI after a single Adam step (learning rate 0.01) from the MAP point
    with the full Laplace covariance (diagonal of it for ``normal``, rank-r + diagonal for
-   ``lowrank``). SVI itself starts from ``laplace_scale`` (default 0.1) times that
-   covariance; row ``svi-init`` is that starting point for ``mvn`` (``steps=1`` with the
-   default ``laplace_scale``), so that the table shows what the SVI steps add.
+   ``lowrank``), which is where SVI starts; the table shows what the SVI steps add.
+   Row ``cold-start``: the ``mvn`` fit again with the Newton warm start off
+   (``Hierarchy(warm_start=False)``), to measure what starting each solve from the
+   previous solve's trajectory saves in the MAP and SVI stages.
 2. **Posterior predictive, batched vs per draw.** Noise-free stress of the specimens for 100
    draws of the ``mvn`` guide: :func:`bayescal.inference.draws.posterior_draws` (one
    batched solve of 100 x specimens) against a loop of 100 :meth:`Hierarchy.predict` calls
@@ -69,7 +70,7 @@ Usage::
 Output: tables on stdout and ``benchmarks/results/svi.json`` (``--out``), a list of records,
 written again after every stage:
 
-* ``{"method": "svi" | "laplace" | "svi-init", "guide", "wall_s", "cpu_s", "map_s", "svi_s",
+* ``{"method": "svi" | "laplace" | "cold-start", "guide", "warm_start", "wall_s", "cpu_s", "map_s", "svi_s",
   "map_iterations", "map_evaluations", "svi_steps", "s_per_step", "pop_mean_err_max",
   "pop_mean_err_vs_sample_max", "noise_err", "coverage90", "rel_width90", ...}``
   (``method`` is ``"svi"`` for the ``delta`` row too, the MAP-only fit);
@@ -280,8 +281,9 @@ def pct(x) -> str:
 # --------------------------------------------------------------------------- 1. guides
 
 
-def run_guide(spec, experiments, truth, config: SVIConfig, method: str, args) -> dict:
-    h = Hierarchy(spec, experiments)
+def run_guide(spec, experiments, truth, config: SVIConfig, method: str, args,
+              warm_start: bool = True) -> dict:
+    h = Hierarchy(spec, experiments, warm_start=warm_start)
     with map_recorder() as points, stage_timer() as stages, Clock() as clock:
         start = time.perf_counter()
         result = run_svi(h, config, seed=args.fit_seed, progress=False)
@@ -289,6 +291,7 @@ def run_guide(spec, experiments, truth, config: SVIConfig, method: str, args) ->
     record = {
         "method": method,
         "guide": config.guide,
+        "warm_start": warm_start,
         "wall_s": result.wall_time,
         "cpu_s": clock.cpu,
         **stages,
@@ -590,7 +593,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seed-lrs", default="0.005,0.02", help="Adam rates of the seed path")
     parser.add_argument("--seed-cov", type=float, default=0.35, help="MapNormal cov")
     parser.add_argument("--skip", default="",
-                        help="comma-separated: laplace,svi-init,predictive,seed")
+                        help="comma-separated: laplace,cold-start,predictive,seed")
     parser.add_argument("--map-iterations", type=int, default=SVIConfig.map_iterations,
                         help="Newton iterations of the MAP stage (SVIConfig default)")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
@@ -653,29 +656,40 @@ def main(argv=None) -> int:
         print(f"    {record['wall_s']:.1f} s, {record['map_iterations']} Newton iterations "
               f"({record['map_evaluations']} points), "
               f"{record['svi_steps']} SVI steps, coverage {record['coverage90']:.3f}", flush=True)
-    # The Laplace approximation alone: the guide at the MAP with the full Laplace covariance,
-    # stopped after one SVI step. Where SVI starts from a fraction of that covariance
-    # (SVIConfig.laplace_scale), also that starting point, for the mvn guide ("svi-init").
-    scaled = getattr(SVIConfig, "laplace_scale", 1.0)
-    starts = [("laplace", g, {"laplace_scale": 1.0} if scaled != 1.0 else {})
-              for g in guides if g != "delta"]
-    if scaled != 1.0 and "mvn" in guides:
-        starts.append(("svi-init", "mvn", {}))
-    for method, guide, extra in starts:
-        if method in skip or have(method, guide):
+    # The Laplace approximation alone: the guide at the MAP with the full Laplace covariance
+    # (the guides' starting point), stopped after one SVI step.
+    for guide in guides:
+        if guide == "delta" or "laplace" in skip or have("laplace", guide):
             continue
-        print(f"  {method}, guide {guide} ...", flush=True)
-        config = SVIConfig(guide=guide, steps=1, min_steps=1,
-                           map_iterations=args.map_iterations, **extra)
-        record, _, _ = run_guide(spec, experiments, truth, config, method, args)
+        print(f"  laplace, guide {guide} ...", flush=True)
+        config = SVIConfig(guide=guide, steps=1, min_steps=1, laplace_scale=1.0,
+                           map_iterations=args.map_iterations)
+        record, _, _ = run_guide(spec, experiments, truth, config, "laplace", args)
         records.append(record)
         save()
         print(f"    {record['wall_s']:.1f} s, coverage {record['coverage90']:.3f}", flush=True)
-    guide_records = [r for r in records if r["method"] in ("svi", "laplace", "svi-init")]
+    # What the Newton warm start (each solve starts from the previous solve's trajectory)
+    # saves: the mvn fit again with it off.
+    if "cold-start" not in skip and "mvn" in guides and not have("cold-start", "mvn"):
+        print("  cold-start, guide mvn (warm start off) ...", flush=True)
+        record, _, _ = run_guide(spec, experiments, truth, SVIConfig(
+            guide="mvn", map_iterations=args.map_iterations), "cold-start", args,
+            warm_start=False)
+        records.append(record)
+        save()
+    guide_records = [r for r in records
+                     if r["method"] in ("svi", "laplace", "cold-start")]
     print("\n== 1. guides (errors in %, coverage of 90 % intervals of the specimen truths)\n")
     guide_table(guide_records)
     print("\nper parameter: coverage90 / mean relative width90\n")
     coverage_table(guide_records)
+    warm = next((r for r in records if r["method"] == "svi" and r["guide"] == "mvn"), None)
+    cold = next((r for r in records if r["method"] == "cold-start"), None)
+    if warm and cold:
+        print(f"\nNewton warm start (mvn): MAP stage {warm['map_s']:.1f} s with, "
+              f"{cold['map_s']:.1f} s without ({cold['map_s'] / warm['map_s']:.2f}x); "
+              f"SVI {warm['s_per_step']:.3f} s/step with, {cold['s_per_step']:.3f} without "
+              f"({cold['s_per_step'] / warm['s_per_step']:.2f}x)")
 
     if "predictive" not in skip and "mvn" in fits and not have("predictive", "mvn"):
         print("\n  posterior predictive, batched vs per draw (draws of mvn) ...", flush=True)
