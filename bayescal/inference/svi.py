@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Callable
 
 import pyro
+import pyro.distributions as dist
 import torch
 from pyro import poutine
 from pyro.distributions.transforms import biject_to
@@ -257,6 +258,47 @@ def fit_map(packing: Packing, state: SVIState, max_iterations: int, step: float,
     return u.detach(), (eigvec / eigval) @ eigvec.T
 
 
+class LaplaceMultivariateNormal(AutoMultivariateNormal):
+    """Full-rank Gaussian guide in the coordinates whitened by the Laplace approximation:
+    ``u = u_map + L (loc + scale * T eps)``, ``L L^T`` the Laplace covariance, ``T`` unit
+    lower triangular; it starts at ``loc = 0``, ``scale = 1``, ``T = I`` (the Laplace
+    approximation itself).
+
+    Adam moves every guide parameter by about its learning rate per step whatever the
+    gradient's size. On Pyro's plain parameterisation of a strongly correlated posterior
+    that random walk of the Cholesky entries leaks variance into directions the data pin
+    down, and the noise sd grows to explain the extra misfit (measured: 4.1 MPa against a
+    true 2.0 and a MAP of 2.04, 8 specimens). In whitened coordinates all directions have
+    unit scale and the same steps are harmless.
+    """
+
+    def __init__(self, model, u_map: torch.Tensor, laplace_tril: torch.Tensor, **kwargs) -> None:
+        super().__init__(model, **kwargs)
+        self.centre = u_map.detach()
+        self.whiten = laplace_tril.detach()
+
+    def _setup_prototype(self, *args, **kwargs) -> None:
+        super()._setup_prototype(*args, **kwargs)
+        self.loc = torch.nn.Parameter(torch.zeros_like(self.loc))
+        self.scale = torch.ones_like(self.loc)
+
+    def _affine(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Location and Cholesky factor in the model's unconstrained coordinates."""
+        tril = self.whiten @ (self.scale[..., None] * self.scale_tril)
+        return self.centre + self.whiten @ self.loc, tril
+
+    def get_transform(self, *args, **kwargs):
+        return dist.transforms.LowerCholeskyAffine(*self._affine())
+
+    def get_posterior(self, *args, **kwargs):
+        loc, tril = self._affine()
+        return dist.MultivariateNormal(loc, scale_tril=tril)
+
+    def _loc_scale(self, *args, **kwargs):
+        loc, tril = self._affine()
+        return loc, tril.pow(2).sum(-1).sqrt()
+
+
 def make_guide(h: Hierarchy, kind: str, packing: Packing, u_map: torch.Tensor,
                covariance: torch.Tensor | None):
     """A guide of the given kind located at the MAP point, with the Laplace covariance as
@@ -270,16 +312,13 @@ def make_guide(h: Hierarchy, kind: str, packing: Packing, u_map: torch.Tensor,
     elif kind == "lowrank":
         guide = AutoLowRankMultivariateNormal(h, init_loc_fn=loc_fn)
     elif kind == "mvn":
-        guide = AutoMultivariateNormal(h, init_loc_fn=loc_fn)
+        guide = LaplaceMultivariateNormal(h, u_map, torch.linalg.cholesky(covariance),
+                                          init_loc_fn=loc_fn)
     else:
         raise ValueError(f"unknown guide {kind!r}; choose one of {', '.join(GUIDES)}")
     with poutine.block(), torch.no_grad():
         guide._setup_prototype()
-        if kind == "mvn":  # Pyro's scale_tril has a unit diagonal; scale carries the rest
-            tril = torch.linalg.cholesky(covariance)
-            guide.scale = tril.diagonal()
-            guide.scale_tril = tril / tril.diagonal()[:, None]
-        elif kind == "lowrank":
+        if kind == "lowrank":
             eigval, eigvec = torch.linalg.eigh(covariance)
             top = eigvec[:, -guide.rank:] * eigval[-guide.rank:].sqrt()
             rest = (covariance.diagonal() - (top**2).sum(-1)).clamp_min(
