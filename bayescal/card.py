@@ -55,6 +55,7 @@ class ModelSpec:
     parameters: dict[str, ParameterSpec]
     path: Path
     noise_prior_scale: float = 10.0
+    text: str = ""  # the card's TOML text, stored with a fit's output
 
     @property
     def calibrated(self) -> tuple[str, ...]:
@@ -77,14 +78,25 @@ def load_card(path: str | os.PathLike) -> ModelSpec:
     """Read and validate a model card."""
     path = Path(path)
     try:
-        with open(path, "rb") as f:
-            card = tomllib.load(f)
+        text = path.read_bytes().decode("utf-8")
     except FileNotFoundError:
         raise BadInput(f"{path}: file not found") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+    except UnicodeDecodeError as exc:
         raise BadInput(f"{path}: invalid TOML: {exc}") from None
     except OSError as exc:
         raise BadInput(f"{path}: cannot read: {exc}") from None
+    return parse_card(text, path)
+
+
+def parse_card(text: str, path: str | os.PathLike) -> ModelSpec:
+    """Validate a model card given as TOML text; ``path`` names it in messages (and relative
+    file names in the card are resolved against its folder). ``ModelSpec.text`` keeps the text,
+    so that a fit's output can rebuild its card."""
+    path = Path(path)
+    try:
+        card = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise BadInput(f"{path}: invalid TOML: {exc}") from None
 
     unknown = [name for name in card if name not in _TABLES]
     if unknown:
@@ -122,6 +134,7 @@ def load_card(path: str | os.PathLike) -> ModelSpec:
         parameters={n: _parameter(path, n, parameters.data[n]) for n in names},
         path=path,
         noise_prior_scale=noise.positive("prior_scale", ModelSpec.noise_prior_scale),
+        text=text,
     )
 
 

@@ -162,13 +162,15 @@ def _add_fit(subparsers) -> argparse.ArgumentParser:
     defaults = SVIConfig()
     parser = _command(
         subparsers, "fit", "calibrate a card's hierarchical model against data",
-        "Fit the population, each specimen's parameters and the noise. MAP (L-BFGS) and a "
+        "Fit the population, each specimen's parameters and the noise. MAP (damped Newton) and a "
         "Laplace approximation always come first; --method svi then refines the chosen guide. "
         "Writes DIR/posterior.nc (ArviZ InferenceData), checkpoints and figures.")
     parser.add_argument("card", metavar="CARD", help="model card (TOML)")
     parser.add_argument("--data", metavar="DATA.csv", required=True, help="test data (long CSV)")
-    parser.add_argument("--method", choices=("map", "svi"), default="svi",
-                        help="map: the posterior mode only; svi: a guide (default: svi)")
+    parser.add_argument("--method", choices=("map", "laplace", "svi"), default="svi",
+                        help="map: the posterior mode only; laplace: the Gaussian guide at the "
+                             "Laplace approximation, no SVI steps; svi: the guide refined by SVI "
+                             "(default: svi)")
     parser.add_argument("--guide", choices=GUIDES, default=None,
                         help=f"SVI guide (default: {defaults.guide}; map implies delta)")
     parser.add_argument("--steps", type=int, default=defaults.steps, metavar="N",
@@ -207,6 +209,8 @@ def _run_fit(args: argparse.Namespace) -> int:
         raise BadInput(f"--lr must be positive, got {args.lr}")
     if args.method == "map" and args.guide not in (None, "delta"):
         raise BadInput(f"--method map takes no --guide {args.guide} (MAP is the delta guide)")
+    if args.method == "laplace" and args.guide == "delta":
+        raise BadInput("--method laplace needs a Gaussian --guide (normal, lowrank or mvn)")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise BadInput(f"--out {out}: exists and is not a directory")
@@ -242,6 +246,105 @@ def _run_summary(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------ import
+
+
+def _add_import(subparsers) -> argparse.ArgumentParser:
+    from bayescal.importers import STRESS_UNITS
+
+    parser = _command(
+        subparsers, "import", "convert a folder of test files to the data CSV",
+        "Read a folder of MatCal-style tension test files (line 1 a Python dict of state "
+        "values, then a header with time, engineering_strain and engineering_stress), drop "
+        "pre-load points, trim each curve at its maximum engineering stress, convert to true "
+        "strain and true stress in MPa (temperature Rankine to K) and write the data CSV.")
+    parser.add_argument("format", choices=("matcal",), metavar="FORMAT",
+                        help="test file format: matcal")
+    parser.add_argument("directory", metavar="DIR", help="folder of test files, one a specimen")
+    parser.add_argument("--out", metavar="data.csv", required=True, help="data file to write")
+    parser.add_argument("--stress-unit", choices=tuple(STRESS_UNITS), default="ksi",
+                        help="unit of engineering_stress in the files (default: ksi)")
+    parser.add_argument("--keep-engineering", action="store_true",
+                        help="write engineering strain and stress (default: true values)")
+    parser.add_argument("--no-trim", action="store_true",
+                        help="keep the points after the maximum engineering stress")
+    parser.add_argument("--glob", metavar="PATTERN", default="*.csv",
+                        help="which files of DIR to read (default: *.csv)")
+    return parser
+
+
+def _run_import(args: argparse.Namespace) -> int:
+    from bayescal.importers import format_import, import_matcal
+
+    result = import_matcal(args.directory, args.out, stress_unit=args.stress_unit,
+                           engineering=args.keep_engineering, trim=not args.no_trim,
+                           pattern=args.glob)
+    print(format_import(result))
+    return 0
+
+
+# ----------------------------------------------------------------------------------- predict
+
+
+def _add_predict(subparsers) -> argparse.ArgumentParser:
+    parser = _command(
+        subparsers, "predict", "propagate a posterior through new load paths",
+        "Each draw is a new specimen from the fitted population (or, with --fitted, a fitted "
+        "specimen), solved on every load path in batched solves. Writes DIR/predictions.nc, "
+        "DIR/bands.csv (mean and 5/50/95% quantiles per point) and DIR/bands.png.")
+    parser.add_argument("posterior", metavar="POSTERIOR.nc", help="a fit's posterior.nc")
+    parser.add_argument("--load", metavar="LOAD.csv", required=True,
+                        help="load path(s): time, strain, optionally keyed by specimen")
+    parser.add_argument("--draws", type=int, default=500, metavar="N",
+                        help="posterior draws (default: 500)")
+    parser.add_argument("--fitted", action="store_true",
+                        help="predict the fitted specimens, not new ones from the population")
+    parser.add_argument("--no-noise", action="store_true",
+                        help="bands of the model response without measurement noise")
+    parser.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (default: 0)")
+    parser.add_argument("--card", metavar="CARD",
+                        help="model card (default: the card stored with the posterior)")
+    parser.add_argument("--no-figures", action="store_true", help="skip the figure")
+    parser.add_argument("--out", metavar="DIR", required=True, help="output directory")
+    return parser
+
+
+def _run_predict(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from bayescal.data import has_specimen_column, read_load_path
+    from bayescal.fit import package_versions
+    from bayescal.predict import card_of, predict_to_directory
+    from bayescal.summary import load_posterior
+
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise BadInput(f"--out {out}: exists and is not a directory")
+    if args.draws < 1:
+        raise BadInput(f"--draws must be at least 1, got {args.draws}")
+    idata = load_posterior(args.posterior)
+    spec = card_of(idata, args.card)
+    fitted = [str(s) for s in idata.posterior["specimen"].values] if "specimen" in \
+        idata.posterior.dims else []
+    load = read_load_path(args.load)
+    if args.fitted and not has_specimen_column(args.load):  # one path for every fitted specimen
+        load = read_load_path(args.load, specimens=fitted)
+    attrs = {"posterior": str(args.posterior), "method": idata.posterior.attrs.get("method", ""),
+             "seed": args.seed, "draws": args.draws, "command": args.command_line,
+             "versions": package_versions()}
+    prediction = predict_to_directory(idata, load, out, attrs=attrs,
+                                      figures=not args.no_figures, draws=args.draws,
+                                      fitted=args.fitted, seed=args.seed,
+                                      noise=not args.no_noise, spec=spec, progress=True)
+    for note in prediction.notes:
+        print(f"note: {note}")
+    kind = "fitted specimens" if args.fitted else "new specimens"
+    print(f"wrote {out / 'predictions.nc'}, {out / 'bands.csv'}"
+          + ("" if args.no_figures else f", {out / 'bands.png'}")
+          + f" ({args.draws} draws, {kind}, {load.n_specimens} paths)")
+    return 0
+
+
 # ---------------------------------------------------------------------------------- registry
 
 #: Every command: name -> (declare its parser, run it). Add new commands here.
@@ -251,6 +354,8 @@ COMMANDS: dict[str, tuple[Callable, Callable[[argparse.Namespace], int]]] = {
     "simulate": (_add_simulate, _run_simulate),
     "fit": (_add_fit, _run_fit),
     "summary": (_add_summary, _run_summary),
+    "predict": (_add_predict, _run_predict),
+    "import": (_add_import, _run_import),
 }
 
 

@@ -132,6 +132,15 @@ def read_load_path(path: str | os.PathLike, specimens: Sequence[str] | None = No
     return experiments
 
 
+def has_specimen_column(path: str | os.PathLike) -> bool:
+    """Whether a (validated) CSV file's header names a ``specimen`` column."""
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        for row in csv.reader(f):
+            if any(cell.strip() for cell in row):
+                return "specimen" in (cell.strip() for cell in row)
+    return False
+
+
 def write_experiments(experiments: Experiments, path: str | os.PathLike) -> None:
     """Write ``experiments`` in the long CSV format (recorded points only), atomically."""
     write_table(path, experiments._header(), experiments._rows())

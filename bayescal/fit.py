@@ -22,7 +22,7 @@ from bayescal.hierarchy import Hierarchy
 from bayescal.inference.draws import posterior_draws, predictive_and_loglik, sample_guide
 from bayescal.inference.svi import SVIConfig, run_svi
 
-METHODS = ("map", "svi")
+METHODS = ("map", "laplace", "svi")
 
 
 def package_versions() -> str:
@@ -45,6 +45,10 @@ def fit(spec: ModelSpec, experiments: Experiments, method: str = "svi",
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     if method == "map":
         config = SVIConfig(**{**asdict(config), "guide": "delta"})
+    elif method == "laplace":  # the guide at the Laplace approximation, no SVI steps
+        if config.guide == "delta":
+            raise ValueError("method laplace needs a Gaussian guide (normal, lowrank or mvn)")
+        config = SVIConfig(**{**asdict(config), "steps": 0})
     start = time.perf_counter()
     h = Hierarchy(spec, experiments, centered=centered)
     result = run_svi(h, config, seed=seed, checkpoint_path=checkpoint, resume=resume,
@@ -64,6 +68,7 @@ def fit(spec: ModelSpec, experiments: Experiments, method: str = "svi",
         "guide": config.guide,
         "model": spec.model,
         "card": str(spec.path),
+        "card_toml": spec.text,
         "data": experiments.source,
         "steps": result.state.total,
         "skipped_steps": result.state.skipped,

@@ -1,4 +1,4 @@
-"""Figures from an InferenceData: fit bands per specimen, ELBO trace, prior vs posterior.
+"""Figures: fit and prediction bands per specimen, ELBO trace, prior vs posterior.
 
 Plots read only the InferenceData (and the card for priors); they know no solver internals.
 """
@@ -32,16 +32,11 @@ def _grid(n: int, width: float = 3.2, height: float = 2.6):
     return fig, list(axes.flat)
 
 
-def plot_bands(idata, path: Path, group: str = "posterior_predictive",
-               title: str = "Data and posterior-predictive 90% band") -> None:
-    """One panel per specimen: measured stress (dots) over the predictive 90% band and median,
-    against strain."""
-    pred = idata[group]["stress"]
-    lo, mid, hi = (pred.quantile(q, dim=("chain", "draw")).values for q in (BAND[0], 0.5, BAND[1]))
-    strain = idata.constant_data["strain"].values
-    observed = idata.observed_data["stress"].values if "observed_data" in idata.groups() else None
-    specimens = list(pred["specimen"].values)
-    shown = specimens[:MAX_PANELS]
+def band_panels(names, strain: np.ndarray, lo: np.ndarray, mid: np.ndarray, hi: np.ndarray,
+                observed: np.ndarray | None, path: Path, title: str) -> None:
+    """One panel per specimen (or path), arrays ``(specimen, step)`` with NaN where padded:
+    the 90% band and median against strain, with the measured stress as dots if given."""
+    shown = list(names)[:MAX_PANELS]
     fig, axes = _grid(len(shown))
     for i, (ax, name) in enumerate(zip(axes, shown)):
         keep = np.isfinite(strain[i])
@@ -55,11 +50,30 @@ def plot_bands(idata, path: Path, group: str = "posterior_predictive",
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("stress (MPa)")
     axes[0].legend(fontsize=7, loc="lower right")
-    extra = f" (first {MAX_PANELS} of {len(specimens)} specimens)" if len(specimens) > MAX_PANELS else ""
+    extra = f" (first {MAX_PANELS} of {len(names)})" if len(names) > MAX_PANELS else ""
     fig.suptitle(title + extra)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_bands(idata, path: Path, title: str = "Data and posterior-predictive 90% band") -> None:
+    """A fit's posterior-predictive bands over its data, one panel per specimen."""
+    pred = idata.posterior_predictive["stress"]
+    lo, mid, hi = (pred.quantile(q, dim=("chain", "draw")).values for q in (BAND[0], 0.5, BAND[1]))
+    band_panels(list(pred["specimen"].values), idata.constant_data["strain"].values, lo, mid, hi,
+                idata.observed_data["stress"].values, path, title)
+
+
+def plot_prediction(prediction, path: Path) -> None:
+    """The bands of a :class:`~bayescal.predict.Prediction`, one panel per load path."""
+    bands = prediction.bands()
+    load = prediction.load
+    strain = np.where(load.mask.T.numpy(), load.strain.T.numpy(), np.nan)
+    kind = "fitted specimens" if prediction.fitted else "new specimens from the population"
+    noise = "with" if prediction.noise else "without"
+    band_panels(load.specimens, strain, bands["q05"], bands["q50"], bands["q95"], None, path,
+                f"Predicted stress, {kind}: 90% band ({noise} measurement noise)")
 
 
 def plot_elbo(idata, path: Path) -> None:
@@ -67,7 +81,7 @@ def plot_elbo(idata, path: Path) -> None:
     attrs = idata.posterior.attrs
     fig, ax = plt.subplots(figsize=(6.5, 3.6))
     offset = 0
-    for key, label in (("log_joint_map", "MAP (L-BFGS): log joint"),
+    for key, label in (("log_joint_map", "MAP (Newton): log joint"),
                        ("elbo", f"SVI ({attrs.get('guide')} guide): ELBO")):
         values = np.atleast_1d(np.asarray(attrs.get(key, []), dtype=float))
         if values.size:

@@ -3,7 +3,6 @@ simulated on a load path, with optional measurement noise; written atomically.""
 
 from __future__ import annotations
 
-import csv
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -13,7 +12,8 @@ import torch
 
 from bayescal.card import ModelSpec
 from bayescal.check import require_builtin
-from bayescal.data import Experiments, read_load_path, write_experiments, write_table
+from bayescal.data import (Experiments, has_specimen_column, read_load_path,
+                           write_experiments, write_table)
 from bayescal.errors import BadInput
 from bayescal.hierarchy import SolverFailure, draw_specimens
 from bayescal.simulate import simulate
@@ -33,15 +33,6 @@ def specimen_ids(n: int) -> tuple[str, ...]:
     return tuple(f"S{i:03d}" for i in range(1, n + 1))
 
 
-def _has_specimen_column(path: str | os.PathLike) -> bool:
-    """Whether a (validated) CSV file's header names a ``specimen`` column."""
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        for row in csv.reader(f):
-            if any(cell.strip() for cell in row):
-                return "specimen" in (cell.strip() for cell in row)
-    return False
-
-
 def read_simulation_load(path: str | os.PathLike, n_specimens: int | None = None) -> Experiments:
     """The load path of ``bayescal simulate``: one path per id of a ``specimen`` column (then
     ``n_specimens`` must be None or the number of ids), else the single path replicated for
@@ -50,7 +41,7 @@ def read_simulation_load(path: str | os.PathLike, n_specimens: int | None = None
         raise BadInput("the number of specimens (--specimens) must be at least 1, "
                        f"got {n_specimens}")
     load = read_load_path(path)
-    if _has_specimen_column(path):
+    if has_specimen_column(path):
         if n_specimens is not None and n_specimens != load.n_specimens:
             raise BadInput(f"{path}: has {load.n_specimens} specimen ids but {n_specimens} "
                            f"specimens were asked for (--specimens): omit it or give "

@@ -388,6 +388,9 @@ def test_fit_bad_options_and_inputs(capsys, tmp_path, tiny_data):
     one_line_error(capsys, ["fit", PERZYNA, "--data", tiny_data, "--method", "map",
                             "--guide", "mvn", "--out", out],
                    "--method map takes no --guide mvn (MAP is the delta guide)")
+    one_line_error(capsys, ["fit", PERZYNA, "--data", tiny_data, "--method", "laplace",
+                            "--guide", "delta", "--out", out],
+                   "--method laplace needs a Gaussian --guide (normal, lowrank or mvn)")
     missing = tmp_path / "nope.csv"
     one_line_error(capsys, ["fit", PERZYNA, "--data", missing, "--out", out],
                    f"{missing}: file not found")

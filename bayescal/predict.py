@@ -1,0 +1,277 @@
+"""Uncertainty propagation: posterior draws pushed through new load paths.
+
+Two kinds of prediction, both with measurement noise unless asked otherwise:
+
+* **population** (default): every draw is a *new specimen* from that draw's population
+  (``z = z_pop + tau * N(0, 1)`` per varying parameter, in the model's bounded space), put
+  through every load path: the band a new test of this material should fall in;
+* **fitted**: the fitted specimens' own parameter draws, each on its own path (or on one
+  shared path): their bands on new loads.
+
+The population in the posterior is stored as physical moments (``P_pop_mean``,
+``P_pop_sd``); :func:`population_latents` inverts them to the logistic-normal's location and
+scale, so that a posterior from any method (map, svi, nuts) works. Draws and paths share one
+batched solve (split into pieces of at most ``max_batch`` paths), never one solve per draw.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import arviz as az
+import numpy as np
+import torch
+import xarray as xr
+
+from bayescal.card import ModelSpec, load_card, parse_card
+from bayescal.check import require_builtin
+from bayescal.data import Experiments, write_table
+from bayescal.errors import BadInput
+from bayescal.hierarchy import Bounded, population_moments
+from bayescal.simulate import simulate
+
+BAND = (0.05, 0.5, 0.95)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Stress ``(draw, path, step)`` (NaN where padded or where a draw's solve failed) for the
+    paths of ``load``, with the parameters that made it (``(draw,)`` for new specimens,
+    ``(draw, path)`` for fitted ones)."""
+
+    load: Experiments
+    stress: torch.Tensor
+    parameters: dict[str, torch.Tensor]
+    fitted: bool
+    noise: bool
+    failed_draws: int
+    notes: tuple[str, ...]
+
+    def bands(self) -> dict[str, np.ndarray]:
+        """Mean and the 5/50/95 % quantiles over the draws that solved, ``(path, step)``."""
+        stress = self.stress.numpy()
+        good = stress[~np.isnan(stress[:, self.load.mask.T.numpy()]).any(-1)]
+        q = np.quantile(good, BAND, axis=0) if len(good) else np.full((3,) + stress.shape[1:],
+                                                                       np.nan)
+        return {"mean": good.mean(0), "q05": q[0], "q50": q[1], "q95": q[2]}
+
+
+def card_of(idata: az.InferenceData, card: str | Path | None = None) -> ModelSpec:
+    """The model card of a fit: ``card`` if given, else the card text stored with the fit."""
+    if card is not None:
+        return load_card(card)
+    attrs = idata.posterior.attrs
+    text = attrs.get("card_toml", "")
+    if not text:
+        raise BadInput("the posterior does not hold its model card (fitted by an older "
+                       "bayescal?): give it with --card")
+    return parse_card(str(text), attrs.get("card", "card.toml"))
+
+
+def population_latents(transform: Bounded, mean: torch.Tensor, sd: torch.Tensor,
+                       iterations: int = 60) -> tuple[torch.Tensor, torch.Tensor]:
+    """Location and scale ``(z_pop, tau)`` of the logistic-normal population whose physical
+    mean and sd are ``mean`` and ``sd`` (batched), by damped Newton on the moments."""
+    width = transform.hi - transform.lo
+    z = transform.inverse(mean)
+    degenerate = sd <= 1e-10 * width
+    tau = torch.where(degenerate, 0.0, sd / transform.slope(z))
+    x = torch.stack([z, tau.clamp_min(1e-300).log()], -1)
+    for _ in range(iterations):
+        x = x.detach().requires_grad_(True)
+        m, s = population_moments(transform, x[..., 0], x[..., 1].exp())
+        r = torch.stack([(m - mean) / width, (s - sd) / width], -1)
+        rows = [torch.autograd.grad(r[..., k].sum(), x, retain_graph=k == 0)[0] for k in (0, 1)]
+        jac = torch.stack(rows, -2)
+        with torch.no_grad():
+            r = torch.where(degenerate[..., None], 0.0, r)
+            if float(r.abs().max()) < 1e-13:
+                break
+            jac = torch.where(degenerate[..., None, None], torch.eye(2, dtype=x.dtype), jac)
+            delta = torch.linalg.solve(jac, r[..., None])[..., 0]
+            delta = delta / delta.abs().amax(-1, keepdim=True).clamp_min(1.0)  # damped
+            x = x - delta
+    else:
+        raise RuntimeError(f"population moments could not be inverted (residual "
+                           f"{float(r.abs().max()):.2e})")
+    x = x.detach()
+    return x[..., 0], torch.where(degenerate, 0.0, x[..., 1].exp())
+
+
+def _stacked(idata: az.InferenceData, name: str) -> torch.Tensor:
+    """A posterior variable with (chain, draw) flattened to one leading dimension."""
+    value = idata.posterior[name].values
+    return torch.as_tensor(value.reshape(-1, *value.shape[2:]), dtype=torch.float64)
+
+
+def _is_point(idata: az.InferenceData) -> bool:
+    post = idata.posterior
+    return idata.posterior.attrs.get("method") == "map" or all(
+        bool(np.all(post[v].values == post[v].values.reshape(-1, *post[v].shape[2:])[0]))
+        for v in post.data_vars)
+
+
+def new_specimens(spec: ModelSpec, idata: az.InferenceData, index: torch.Tensor,
+                  generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """Physical parameters ``(draw,)`` of one new specimen per chosen posterior draw."""
+    values = {}
+    for name, p in spec.parameters.items():
+        if p.is_fixed:
+            values[name] = torch.full(index.shape, p.value, dtype=torch.float64)
+        elif p.varies == "shared":
+            values[name] = _stacked(idata, name)[index]
+        else:
+            t = Bounded(*p.bounds)
+            z_pop, tau = population_latents(t, _stacked(idata, f"{name}_pop_mean")[index],
+                                            _stacked(idata, f"{name}_pop_sd")[index])
+            eps = torch.randn(index.shape, generator=generator, dtype=torch.float64)
+            values[name] = t.forward(z_pop + tau * eps)
+    return values
+
+
+def fitted_specimens(spec: ModelSpec, idata: az.InferenceData, index: torch.Tensor,
+                     paths: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """Physical parameters ``(draw, path)`` of the fitted specimens named by the paths."""
+    fitted = [str(s) for s in idata.posterior["specimen"].values]
+    missing = [p for p in paths if p not in fitted]
+    if missing:
+        raise BadInput(f"--fitted: load path(s) {', '.join(missing)} name no fitted specimen "
+                       f"(fitted: {', '.join(fitted)}); key the paths by fitted specimen ids "
+                       f"or give one path without a specimen column")
+    columns = torch.tensor([fitted.index(p) for p in paths])
+    values = {}
+    for name, p in spec.parameters.items():
+        if p.is_fixed:
+            values[name] = torch.full((len(index), len(paths)), p.value, dtype=torch.float64)
+        elif p.varies == "shared":
+            values[name] = _stacked(idata, name)[index][:, None].expand(-1, len(paths))
+        else:
+            values[name] = _stacked(idata, name)[index][:, columns]
+    return values
+
+
+def propagate(spec: ModelSpec, parameters: dict[str, torch.Tensor], load: Experiments,
+              max_batch: int = 8192, progress: bool = False) -> tuple[torch.Tensor, int]:
+    """Noise-free stress ``(draw, path, step)`` for parameters broadcastable to
+    ``(draw, path)``, in batched solves; returns it with the number of failed draws."""
+    from tqdm.auto import tqdm
+
+    model = require_builtin(spec)
+    n_paths = load.n_specimens
+    n = max(v.shape[0] for v in parameters.values())
+    full = {k: v.reshape(v.shape[0], -1).expand(n, n_paths) for k, v in parameters.items()}
+    per_piece = max(1, max_batch // n_paths)
+    pieces = []
+    for start in tqdm(range(0, n, per_piece), disable=not progress, desc="predict",
+                      unit="batch"):
+        d = min(per_piece, n - start)
+        params = {k: v[start:start + d].reshape(-1) for k, v in full.items()}
+        stress, _ = simulate(model, params, load.time.repeat(1, d), load.strain.repeat(1, d),
+                             spec.solver, adjoint=False)
+        pieces.append(stress.T.reshape(d, n_paths, -1))
+    stress = torch.cat(pieces)
+    failed = int(torch.isnan(stress).flatten(1).any(-1).sum())
+    return torch.where(load.mask.T, stress, torch.nan), failed
+
+
+def predict(idata: az.InferenceData, load: Experiments, draws: int = 500, fitted: bool = False,
+            seed: int = 0, noise: bool = True, spec: ModelSpec | None = None,
+            max_batch: int = 8192, progress: bool = False) -> Prediction:
+    """Push ``draws`` posterior draws of ``idata`` through the paths of ``load``."""
+    if draws < 1:
+        raise BadInput(f"--draws must be at least 1, got {draws}")
+    spec = spec or card_of(idata)
+    generator = torch.Generator().manual_seed(seed)
+    available = idata.posterior.sizes["chain"] * idata.posterior.sizes["draw"]
+    if draws <= available:
+        index = torch.randperm(available, generator=generator)[:draws]
+    else:
+        index = torch.randint(available, (draws,), generator=generator)
+    notes = []
+    if _is_point(idata):
+        notes.append("the posterior is a single point (MAP): the bands hold no parameter "
+                     "uncertainty, only measurement noise"
+                     + ("" if fitted else " and the specimen-to-specimen spread"))
+    if fitted:
+        parameters = fitted_specimens(spec, idata, index, load.specimens)
+    else:
+        parameters = new_specimens(spec, idata, index, generator)
+    stress, failed = propagate(spec, parameters, load, max_batch, progress)
+    if noise:
+        sd = _stacked(idata, "noise_sd")[index]
+        eps = torch.randn(stress.shape, generator=generator, dtype=torch.float64)
+        stress = stress + sd[:, None, None] * eps
+    if failed:
+        notes.append(f"the solver failed for {failed} of {draws} draws; the bands use the "
+                     f"others")
+    return Prediction(load=load, stress=stress, parameters=parameters, fitted=fitted,
+                      noise=noise, failed_draws=failed, notes=tuple(notes))
+
+
+def to_inference_data(prediction: Prediction, attrs: dict) -> az.InferenceData:
+    """``predictions`` (``stress`` with dims chain, draw, specimen, step, and the parameters)
+    and ``predictions_constant_data`` (``time``, ``strain``)."""
+    load = prediction.load
+    coords = {"chain": [0], "draw": np.arange(prediction.stress.shape[0]),
+              "specimen": list(load.specimens), "step": np.arange(load.n_steps)}
+    variables = {"stress": (("chain", "draw", "specimen", "step"), prediction.stress.numpy()[None])}
+    for name, value in prediction.parameters.items():
+        dims = ("chain", "draw", "specimen")[:value.dim() + 1]
+        variables[name] = (dims, value.numpy()[None])
+    mask = load.mask.T.numpy()
+    constant = {k: (("specimen", "step"), np.where(mask, getattr(load, k).T.numpy(), np.nan))
+                for k in ("time", "strain")}
+    predictions = xr.Dataset(variables, coords=coords)
+    predictions.attrs.update({k: ("" if v is None else v) for k, v in attrs.items()})
+    return az.InferenceData(
+        predictions=predictions,
+        predictions_constant_data=xr.Dataset(constant, coords={k: coords[k] for k in
+                                                               ("specimen", "step")}))
+
+
+def write_bands(prediction: Prediction, path: Path) -> None:
+    """``specimen, step, time, strain, mean, q05, q50, q95`` at every recorded point."""
+    load, bands = prediction.load, prediction.bands()
+    mask = load.mask.T.numpy()
+    time, strain = load.time.T.numpy(), load.strain.T.numpy()
+
+    def rows():
+        for j, sid in enumerate(load.specimens):
+            for k in np.flatnonzero(mask[j]):
+                yield [sid, int(k), time[j, k], strain[j, k],
+                       *(bands[c][j, k] for c in ("mean", "q05", "q50", "q95"))]
+
+    write_table(path, ["specimen", "step", "time", "strain", "mean", "q05", "q50", "q95"],
+                rows())
+
+
+def predict_to_directory(idata: az.InferenceData, load: Experiments, out: Path, *,
+                         attrs: dict, figures: bool = True, **kwargs) -> Prediction:
+    """:func:`predict`, then write ``predictions.nc``, ``bands.csv`` and ``bands.png`` into
+    ``out`` (each atomically; nothing is written if the prediction fails)."""
+    from bayescal.export import write_netcdf
+
+    prediction = predict(idata, load, **kwargs)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {**attrs, "kind": "fitted" if prediction.fitted else "population",
+            "noise": int(prediction.noise), "failed_draws": prediction.failed_draws,
+            "notes": " ".join(prediction.notes)}
+    write_netcdf(to_inference_data(prediction, meta), out / "predictions.nc")
+    write_bands(prediction, out / "bands.csv")
+    if figures:
+        from bayescal.plots import plot_prediction
+
+        plot_prediction(prediction, out / "bands.png")
+    return prediction
+
+
+def coverage(prediction: Prediction, stress: torch.Tensor) -> float:
+    """Fraction of the recorded points of ``stress`` ``(step, path)`` inside the 90 % band."""
+    bands = prediction.bands()
+    s = stress.T.numpy()
+    inside = (s >= bands["q05"]) & (s <= bands["q95"])
+    mask = prediction.load.mask.T.numpy() & np.isfinite(s)
+    return float(inside[mask].mean()) if mask.any() else math.nan
