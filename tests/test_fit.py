@@ -174,9 +174,15 @@ def test_recovery_and_coverage_mvn():
     for name, mean in TRUE_MEANS.items():
         estimate = float(post[f"{name}_pop_mean"].mean())
         sample_mean = float(truth[name].mean())
-        assert abs(estimate / sample_mean - 1) < 0.05, (name, estimate, sample_mean)
         lo, hi = post[name].quantile([0.05, 0.95], dim=("chain", "draw")).values
         inside.append((truth[name].numpy() >= lo) & (truth[name].numpy() <= hi))
-    assert abs(float(post["noise_sd"].mean()) / NOISE - 1) < 0.3
+        print(f"{name}: pop mean {estimate:.2f}, truth {mean:g} ({estimate / mean - 1:+.2%}), "
+              f"sample mean {sample_mean:.2f} ({estimate / sample_mean - 1:+.2%}), "
+              f"coverage {inside[-1].mean():.2f}")
+        assert abs(estimate / mean - 1) < 0.05, (name, estimate, mean)
+        assert abs(estimate / sample_mean - 1) < 0.05, (name, estimate, sample_mean)
+    noise = float(post["noise_sd"].mean())
     coverage = float(np.concatenate(inside).mean())
+    print(f"noise {noise:.3f} (truth {NOISE}), coverage {coverage:.2f}")
+    assert abs(noise / NOISE - 1) < 0.3
     assert coverage >= 0.75, coverage
