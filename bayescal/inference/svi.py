@@ -450,6 +450,7 @@ def run_svi(h: Hierarchy, config: SVIConfig = SVIConfig(), seed: int = 0,
             if saved is not None and saved.get("guide") is not None:
                 guide.load_state_dict(saved["guide"])
             bar.update(state.step)
+            h.stop_warm_start()
             if config.steps:
                 refine_guide(h, guide, config, state, saved and saved.get("optim"), writer, bar)
     return SVIResult(guide=guide, state=state, map_values=packing.point(state.u_map),
