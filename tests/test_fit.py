@@ -186,3 +186,26 @@ def test_recovery_and_coverage_mvn():
     print(f"noise {noise:.3f} (truth {NOISE}), coverage {coverage:.2f}")
     assert abs(noise / NOISE - 1) < 0.3
     assert coverage >= 0.75, coverage
+
+
+@pytest.mark.parametrize("centered", [False, True])
+def test_coloured_hessian_equals_the_dense_one(centered):
+    """The block-arrow colouring (2 x (globals + kinds) points) gives the Hessian that
+    central differences of every coordinate (2 x dim points) give."""
+    from bayescal.inference.svi import Packing, gradient_and_hessian, initial_values
+
+    experiments, _ = synthetic(4, seed=1, points_per_segment=6)
+    h = Hierarchy(load_card(CARD), experiments, centered=centered)
+    packing = Packing(h, initial_values(h))
+    u = packing.u0 + 0.3 * torch.randn(packing.dim, generator=torch.Generator().manual_seed(0),
+                                       dtype=torch.float64)
+    _, grad, coloured = gradient_and_hessian(packing, u, 1e-4)
+    dim, step = packing.dim, 1e-4
+    rows = torch.cat([u[None], u + step * torch.eye(dim), u - step * torch.eye(dim)])
+    rows = rows.detach().requires_grad_(True)
+    packing.log_joint(rows).sum().backward()
+    dense = -(rows.grad[1:dim + 1] - rows.grad[dim + 1:]) / (2 * step)
+    dense = 0.5 * (dense + dense.T)
+    assert packing.specimen_indices().shape == (4, 4)
+    assert float((coloured - dense).abs().max() / dense.abs().max()) < 1e-7
+    assert torch.equal(grad, rows.grad[0])

@@ -137,6 +137,15 @@ class Packing:
             pos += free.numel()
         return out
 
+    def specimen_indices(self) -> torch.Tensor:
+        """Positions of the specimen-level values, ``(kinds, specimens)``: one row per
+        varying parameter (its offsets, or its values when centered)."""
+        where = self.slices()
+        suffix = "z" if self.h.centered else "offset"
+        rows = [torch.arange(where[f"{name}_{suffix}"].start, where[f"{name}_{suffix}"].stop)
+                for name in self.h.spec.varying]
+        return torch.stack(rows) if rows else torch.zeros(0, 0, dtype=torch.long)
+
     def recentre(self, u: torch.Tensor) -> torch.Tensor:
         """Move each varying parameter's population location to the mean of its specimens
         (in z), keeping every specimen's value, and so the likelihood, unchanged: an exact
@@ -215,14 +224,37 @@ class Packing:
 
 def gradient_and_hessian(packing: Packing, u: torch.Tensor, step: float):
     """Log joint, its gradient and the negative Hessian at ``u``; the Hessian from central
-    differences of adjoint gradients, all ``1 + 2 dim`` points in one batched solve."""
+    differences of adjoint gradients, all points in one batched solve.
+
+    A specimen's values meet other specimens' only through the global sites, so the Hessian
+    is block-arrow shaped and its columns can share perturbations (Curtis-Powell-Reid
+    colouring): one direction per global coordinate and one per kind of specimen value
+    (all specimens' values of that kind moved together), ``2 (globals + kinds)`` points
+    instead of ``2 dim``, however many specimens there are. A global's column gives the
+    global rows by symmetry; a kind's direction gives each specimen's own block.
+    """
     dim = u.numel()
-    shifts = torch.eye(dim, dtype=u.dtype) * step
-    rows = torch.cat([u[None], u + shifts, u - shifts]).detach().requires_grad_(True)
+    local = packing.specimen_indices()  # (kinds, specimens)
+    is_global = torch.ones(dim, dtype=torch.bool)
+    is_global[local.flatten()] = False
+    globals_ = is_global.nonzero().flatten()
+    directions = torch.zeros(len(globals_) + local.shape[0], dim, dtype=u.dtype)
+    directions[torch.arange(len(globals_)), globals_] = 1.0
+    for k in range(local.shape[0]):
+        directions[len(globals_) + k, local[k]] = 1.0
+    m = directions.shape[0]
+    rows = torch.cat([u[None], u + step * directions, u - step * directions])
+    rows = rows.detach().requires_grad_(True)
     values = packing.log_joint(rows)
     values.sum().backward()
     grads = rows.grad
-    hessian = -(grads[1:dim + 1] - grads[dim + 1:]) / (2 * step)
+    change = -(grads[1:m + 1] - grads[m + 1:]) / (2 * step)  # (direction, dim)
+    hessian = torch.zeros(dim, dim, dtype=u.dtype)
+    hessian[:, globals_] = change[:len(globals_)].T
+    hessian[globals_, :] = change[:len(globals_)]
+    for k in range(local.shape[0]):
+        own = local.T  # (specimen, kind): each specimen's own coordinates
+        hessian[own, local[k][:, None]] = change[len(globals_) + k][own]
     return float(values[0].detach()), grads[0], 0.5 * (hessian + hessian.T)
 
 
