@@ -146,6 +146,20 @@ class Packing:
                 for name in self.h.spec.varying]
         return torch.stack(rows) if rows else torch.zeros(0, 0, dtype=torch.long)
 
+    def likelihood_coordinates(self, u: torch.Tensor) -> torch.Tensor:
+        """What the likelihood sees, for rows of ``u`` (B, dim): every specimen's value in z,
+        the shared values in z and the noise sd (unconstrained)."""
+        h, where = self.h, self.slices()
+        parts = [u[:, where[f"{name}_z"]] for name in h.spec.shared]
+        for name in h.spec.varying:
+            if h.centered:
+                parts.append(u[:, where[f"{name}_z"]])
+                continue
+            pop = u[:, where[f"{name}_pop_z"]]
+            tau = h.specimen_scale(name, pop, u[:, where[f"{name}_cv"]].exp())
+            parts.append(pop + tau * u[:, where[f"{name}_offset"]])
+        return torch.cat(parts + [u[:, where["noise_sd"]]], -1)
+
     def recentre(self, u: torch.Tensor) -> torch.Tensor:
         """Move each varying parameter's population location to the mean of its specimens
         (in z), keeping every specimen's value, and so the likelihood, unchanged: an exact
@@ -164,26 +178,29 @@ class Packing:
 
     def spread_at_specimens(self, u: torch.Tensor) -> torch.Tensor:
         """:meth:`recentre`, then each coefficient of variation moved to the mode of its
-        conditional density given the specimens' values in the centered form,
-        ``HalfNormal(cv; spread) * prod_i Normal(z_i; z_pop, tau(cv))``, keeping every
-        specimen's value (offsets rescaled).
+        density given the specimens' values in the centered form with the population
+        location integrated out (flat), ``HalfNormal(cv; spread) tau^-(n-1)
+        exp(-S2 / (2 tau^2))``, keeping every specimen's value (offsets rescaled).
 
         The joint mode in the non-centered coordinates lacks the ``tau^-n`` volume factor
         and overstates the spread: ``cv^2 = spread * sqrt(sum (z_i - z_pop)^2) / k``, about
         twice the specimens' own coefficient of variation with 8 specimens (measured), and
         SVI started there does not leave it. Closed form: with ``tau = k cv`` and
-        ``S2 = sum (z_i - z_pop)^2``, ``cv^2 = spread^2 (sqrt(n^2 + 4 S2 / (k spread)^2) - n) / 2``.
+        ``S2 = sum (z_i - mean z)^2``, ``m = n - 1``,
+        ``cv^2 = spread^2 (sqrt(m^2 + 4 S2 / (k spread)^2) - m) / 2``. (Measured on three data
+        sets of 16 specimens, Laplace fits: 90 % population bands held 0.80 of new specimens'
+        points with ``n``, the conditional mode at the fitted location, and 0.81 with ``n - 1``.)
         """
         h, where = self.h, self.slices()
         u = self.recentre(u)
-        n = h.experiments.n_specimens
+        m = h.experiments.n_specimens - 1
         for name in h.spec.varying:
             pop, offset, cv_at = where[f"{name}_pop_z"], where[f"{name}_offset"], where[f"{name}_cv"]
             spread = h.spec.parameters[name].spread
             k = h.specimen_scale(name, u[:, pop], torch.ones_like(u[:, pop]))
             z_dev = h.specimen_scale(name, u[:, pop], u[:, cv_at].exp()) * u[:, offset]
             s2 = (z_dev**2).sum(-1, keepdim=True)
-            cv2 = spread**2 * ((n**2 + 4 * s2 / (k * spread) ** 2).sqrt() - n) / 2
+            cv2 = spread**2 * ((m**2 + 4 * s2 / (k * spread) ** 2).sqrt() - m) / 2
             cv = cv2.clamp_min(1e-12).sqrt()
             u[:, cv_at] = cv.log()
             u[:, offset] = z_dev / (k * cv)
@@ -268,6 +285,8 @@ def _floored(neg_hessian: torch.Tensor):
 
 
 LINE_SEARCH = (1.0, 0.5, 0.25, 0.1, 0.03, 0.01)
+#: Newton stops once no specimen value, shared value or the noise (unconstrained) moves more.
+SETTLED = 2e-3
 MAX_STEP = 2.0
 
 
@@ -278,8 +297,11 @@ def fit_map(packing: Packing, state: SVIState, max_iterations: int, step: float,
     Each iteration solves one batch for the gradient and Hessian and one batch for a line
     search over several step lengths, no coordinate moving more than ``MAX_STEP``, each also
     tried recentred (:meth:`Packing.recentre`); a point whose solve fails, or whose values
-    are not finite, counts as -inf. Stops when
-    half the Newton decrement is below 1e-3 nats or no step length improves. Then (non-centered
+    are not finite, counts as -inf. Stops when half the Newton decrement is below 1e-3 nats,
+    no step length improves, or what the likelihood sees has settled (no coordinate of
+    :meth:`Packing.likelihood_coordinates` moved by ``SETTLED``): in the non-centered
+    coordinates Newton then still creeps along the valley of the spreads for tens of
+    iterations (measured: 25 of 40 on 12 specimens, gaining 34 nats). Then (non-centered
     model) the spreads move to their conditional modes (:meth:`Packing.spread_at_specimens`).
     Returns that point (unconstrained) and the inverse floored negative Hessian there.
     """
@@ -311,7 +333,10 @@ def fit_map(packing: Packing, state: SVIState, max_iterations: int, step: float,
         best = int(trial.argmax())
         if not trial[best] > value:
             break
+        moved = packing.likelihood_coordinates(torch.stack([u, candidates[best]]))
         u = candidates[best]
+        if float((moved[1] - moved[0]).abs().max()) < SETTLED:
+            break  # the rest is the spreads' valley, which the next step settles exactly
     if not h.centered and h.spec.varying:
         u = packing.spread_at_specimens(u.detach()[None])[0]
     value, grad, neg_hessian = gradient_and_hessian(packing, u, step)
