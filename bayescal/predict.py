@@ -16,7 +16,6 @@ batched solve (split into pieces of at most ``max_batch`` paths), never one solv
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -266,12 +265,3 @@ def predict_to_directory(idata: az.InferenceData, load: Experiments, out: Path, 
 
         plot_prediction(prediction, out / "bands.png")
     return prediction
-
-
-def coverage(prediction: Prediction, stress: torch.Tensor) -> float:
-    """Fraction of the recorded points of ``stress`` ``(step, path)`` inside the 90 % band."""
-    bands = prediction.bands()
-    s = stress.T.numpy()
-    inside = (s >= bands["q05"]) & (s <= bands["q95"])
-    mask = prediction.load.mask.T.numpy() & np.isfinite(s)
-    return float(inside[mask].mean()) if mask.any() else math.nan

@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from bayescal.card import load_card
-from bayescal.cli import main
 from bayescal.data import Experiments, read_load_path
 from bayescal.export import write_netcdf
 from bayescal.fit import fit

@@ -26,10 +26,6 @@ class Draws:
     stress_mean: torch.Tensor  # (draw, specimen, step), noise-free
     failed_draws: int = 0
 
-    @property
-    def n_draws(self) -> int:
-        return self.noise_sd.shape[0]
-
 
 def latent_names(h: Hierarchy) -> list[str]:
     """The model's latent sample sites."""
