@@ -13,6 +13,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import arviz as az
+import numpy as np
 import torch
 
 from bayescal.card import ModelSpec
@@ -34,6 +35,12 @@ def package_versions() -> str:
         except PackageNotFoundError:
             parts.append(f"{name}=?")
     return " ".join(parts)
+
+
+def numeric_labels(experiments: Experiments) -> dict[str, np.ndarray]:
+    """The data's numeric per-specimen labels (e.g. ``strain_rate``), dims (specimen,)."""
+    return {name: np.asarray(values, dtype=float) for name, values in experiments.labels.items()
+            if all(isinstance(v, float) for v in values)}
 
 
 def fit(spec: ModelSpec, experiments: Experiments, method: str = "svi",
@@ -93,7 +100,7 @@ def fit(spec: ModelSpec, experiments: Experiments, method: str = "svi",
         posterior_predictive=predictive,
         log_likelihood=loglik,
         observed=masked(experiments.stress.T),
-        constant={k: masked(v) for k, v in constant.items()},
+        constant={**{k: masked(v) for k, v in constant.items()}, **numeric_labels(experiments)},
         attrs=attrs,
     )
 

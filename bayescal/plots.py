@@ -65,6 +65,38 @@ def plot_bands(idata, path: Path, title: str = "Data and posterior-predictive 90
                 idata.observed_data["stress"].values, path, title)
 
 
+MAX_GROUPS = 12
+
+
+def plot_bands_by_label(idata, label: str, path: Path) -> None:
+    """One panel per value of a numeric label (e.g. ``strain_rate``): every specimen with that
+    value, its data as dots and its posterior-predictive median as a line, over the union of
+    their 90% bands."""
+    pred = idata.posterior_predictive["stress"]
+    lo, mid, hi = (pred.quantile(q, dim=("chain", "draw")).values for q in (BAND[0], 0.5, BAND[1]))
+    strain = idata.constant_data["strain"].values
+    observed = idata.observed_data["stress"].values
+    values = idata.constant_data[label].values
+    groups = np.unique(values)
+    fig, axes = _grid(len(groups), width=3.6, height=3.0)
+    for ax, value in zip(axes, groups):
+        members = np.flatnonzero(values == value)
+        for colour, i in enumerate(members):
+            keep = np.isfinite(strain[i])
+            ax.fill_between(strain[i][keep], lo[i][keep], hi[i][keep], color="C0", alpha=0.12,
+                            lw=0)
+            ax.plot(strain[i][keep], observed[i][keep], ".", color="0.3", ms=1.5)
+            ax.plot(strain[i][keep], mid[i][keep], color=f"C{colour % 10}", lw=0.8)
+        ax.set_title(f"{label} = {value:g} ({len(members)} specimens)", fontsize=9)
+        ax.set_xlabel("strain")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("stress (MPa)")
+    fig.suptitle(f"Data (dots), posterior-predictive medians (lines) and 90% bands by {label}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def plot_prediction(prediction, path: Path) -> None:
     """The bands of a :class:`~bayescal.predict.Prediction`, one panel per load path."""
     bands = prediction.bands()
@@ -146,10 +178,16 @@ def plot_population(idata, spec: ModelSpec, path: Path) -> None:
 
 
 def write_fit_figures(idata, spec: ModelSpec, out: Path) -> list[Path]:
-    """The figures of a fit: ``fit_bands.png``, ``elbo.png``, ``population.png``."""
+    """The figures of a fit: ``fit_bands.png``, ``elbo.png``, ``population.png`` and, for
+    each numeric label with 2 to 12 values, ``fit_bands_by_<label>.png``."""
     out = Path(out)
     paths = [out / "fit_bands.png", out / "elbo.png", out / "population.png"]
     plot_bands(idata, paths[0])
     plot_elbo(idata, paths[1])
     plot_population(idata, spec, paths[2])
+    for label in idata.constant_data.data_vars:
+        data = idata.constant_data[label]
+        if data.dims == ("specimen",) and 1 < len(np.unique(data.values)) <= MAX_GROUPS:
+            paths.append(out / f"fit_bands_by_{label}.png")
+            plot_bands_by_label(idata, label, paths[-1])
     return paths

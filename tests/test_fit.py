@@ -211,3 +211,20 @@ def test_coloured_hessian_equals_the_dense_one(centered):
     assert packing.specimen_indices().shape == (4, 4)
     assert float((coloured - dense).abs().max() / dense.abs().max()) < 1e-7
     assert torch.equal(grad, rows.grad[0])
+
+
+def test_numeric_labels_are_exported_and_grouped_in_a_figure(tmp_path, small_problem):
+    """A numeric label (strain_rate) goes to constant_data (dims specimen) and gives one
+    figure panel per value; a text label does neither."""
+    experiments, _ = small_problem
+    labelled = dataclasses.replace(experiments, labels={"strain_rate": (1e-3, 1e-3, 1.0),
+                                                        "heat": ("A", "B", "A")})
+    config = dataclasses.replace(QUICK, guide="delta")
+    idata = fit_to_directory(load_card(CARD), labelled, tmp_path, method="map", config=config,
+                             draws=5, seed=0, progress=False)
+    rate = idata.constant_data["strain_rate"]
+    assert rate.dims == ("specimen",)
+    np.testing.assert_array_equal(rate.values, [1e-3, 1e-3, 1.0])
+    assert "heat" not in idata.constant_data
+    assert (tmp_path / "fit_bands_by_strain_rate.png").stat().st_size > 10_000
+    assert not (tmp_path / "fit_bands_by_heat.png").exists()
