@@ -344,18 +344,17 @@ def fit_map(packing: Packing, state: SVIState, max_iterations: int, step: float,
     return u.detach(), (eigvec / eigval) @ eigvec.T
 
 
-class LaplaceMultivariateNormal(AutoMultivariateNormal):
-    """Full-rank Gaussian guide in the coordinates whitened by the Laplace approximation:
-    ``u = u_map + L (loc + scale * T eps)``, ``L L^T`` the Laplace covariance, ``T`` unit
-    lower triangular; it starts at ``loc = 0``, ``scale = 1``, ``T = I`` (the Laplace
-    approximation itself).
+class _Whitened:
+    """Mixin for Gaussian autoguides that live in the coordinates whitened by the Laplace
+    approximation, ``u = u_map + L w`` with ``L L^T`` the Laplace covariance, starting at
+    ``w ~ N(0, I)`` (the Laplace approximation itself).
 
     Adam moves every guide parameter by about its learning rate per step whatever the
-    gradient's size. On Pyro's plain parameterisation of a strongly correlated posterior
-    that random walk of the Cholesky entries leaks variance into directions the data pin
-    down, and the noise sd grows to explain the extra misfit (measured: 4.1 MPa against a
-    true 2.0 and a MAP of 2.04, 8 specimens). In whitened coordinates all directions have
-    unit scale and the same steps are harmless.
+    gradient's size. On Pyro's plain parameterisations of a strongly correlated posterior
+    that random walk leaks variance into directions the data pin down, and the noise sd
+    grows to explain the extra misfit (measured with mvn: 4.1 MPa against a true 2.0 and a
+    MAP of 2.04, 8 specimens; lowrank: 21 % too high on 12). In whitened coordinates all
+    directions have unit scale and the same steps are harmless.
     """
 
     def __init__(self, model, u_map: torch.Tensor, laplace_tril: torch.Tensor, **kwargs) -> None:
@@ -368,50 +367,69 @@ class LaplaceMultivariateNormal(AutoMultivariateNormal):
         self.loc = torch.nn.Parameter(torch.zeros_like(self.loc))
         self.scale = torch.ones_like(self.loc)
 
-    def _affine(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Location and Cholesky factor in the model's unconstrained coordinates."""
-        tril = self.whiten @ (self.scale[..., None] * self.scale_tril)
-        return self.centre + self.whiten @ self.loc, tril
-
-    def get_transform(self, *args, **kwargs):
-        return dist.transforms.LowerCholeskyAffine(*self._affine())
-
-    def get_posterior(self, *args, **kwargs):
-        loc, tril = self._affine()
-        return dist.MultivariateNormal(loc, scale_tril=tril)
+    def _to_model(self, loc: torch.Tensor, tril: torch.Tensor):
+        """Location and Cholesky factor (or any square root) in the model's coordinates."""
+        return self.centre + self.whiten @ loc, self.whiten @ tril
 
     def _loc_scale(self, *args, **kwargs):
-        loc, tril = self._affine()
-        return loc, tril.pow(2).sum(-1).sqrt()
+        loc, root = self._to_model(*self._whitened_root())
+        return loc, root.pow(2).sum(-1).sqrt()
+
+
+class LaplaceMultivariateNormal(_Whitened, AutoMultivariateNormal):
+    """Full-rank Gaussian guide, whitened (:class:`_Whitened`):
+    ``w = loc + scale * T eps``, ``T`` unit lower triangular."""
+
+    def _whitened_root(self):
+        return self.loc, self.scale[..., None] * self.scale_tril
+
+    def get_transform(self, *args, **kwargs):
+        return dist.transforms.LowerCholeskyAffine(*self._to_model(*self._whitened_root()))
+
+    def get_posterior(self, *args, **kwargs):
+        loc, tril = self._to_model(*self._whitened_root())
+        return dist.MultivariateNormal(loc, scale_tril=tril)
+
+
+class LaplaceLowRankMultivariateNormal(_Whitened, AutoLowRankMultivariateNormal):
+    """Rank-r plus diagonal Gaussian in the whitened coordinates (:class:`_Whitened`):
+    ``w = loc + scale * (W eps_r + eps_d)``; it starts with ``W`` near 0."""
+
+    def _setup_prototype(self, *args, **kwargs) -> None:
+        super()._setup_prototype(*args, **kwargs)
+        self.cov_factor = torch.nn.Parameter(0.01 * self.cov_factor.detach())
+
+    def _whitened_root(self):
+        factor = torch.cat([self.cov_factor, torch.eye(self.latent_dim, dtype=self.loc.dtype)],
+                           -1)
+        return self.loc, self.scale[..., None] * factor
+
+    def get_posterior(self, *args, **kwargs):
+        whitened = super().get_posterior(*args, **kwargs)
+        return dist.TransformedDistribution(
+            whitened, [dist.transforms.LowerCholeskyAffine(self.centre, self.whiten)])
 
 
 def make_guide(h: Hierarchy, kind: str, packing: Packing, u_map: torch.Tensor,
                covariance: torch.Tensor | None):
     """A guide of the given kind located at the MAP point, with the Laplace covariance as
-    its initial scale (full for mvn, rank-r plus diagonal for lowrank, diagonal for normal)."""
+    its initial scale (mvn and lowrank in the coordinates it whitens; its diagonal for
+    normal)."""
     map_values = packing.point(u_map)
     loc_fn = init_to_value(values=map_values, fallback=init_to_median)
     if kind == "delta":
         guide = AutoDelta(h, init_loc_fn=loc_fn)
     elif kind == "normal":
         guide = AutoNormal(h, init_loc_fn=loc_fn)
-    elif kind == "lowrank":
-        guide = AutoLowRankMultivariateNormal(h, init_loc_fn=loc_fn)
-    elif kind == "mvn":
-        guide = LaplaceMultivariateNormal(h, u_map, torch.linalg.cholesky(covariance),
-                                          init_loc_fn=loc_fn)
+    elif kind in ("lowrank", "mvn"):
+        whitened = LaplaceLowRankMultivariateNormal if kind == "lowrank" else \
+            LaplaceMultivariateNormal
+        guide = whitened(h, u_map, torch.linalg.cholesky(covariance), init_loc_fn=loc_fn)
     else:
         raise ValueError(f"unknown guide {kind!r}; choose one of {', '.join(GUIDES)}")
     with poutine.block(), torch.no_grad():
         guide._setup_prototype()
-        if kind == "lowrank":
-            eigval, eigvec = torch.linalg.eigh(covariance)
-            top = eigvec[:, -guide.rank:] * eigval[-guide.rank:].sqrt()
-            rest = (covariance.diagonal() - (top**2).sum(-1)).clamp_min(
-                1e-4 * covariance.diagonal())
-            guide.scale = rest.sqrt()
-            guide.cov_factor.data = top / rest.sqrt()[:, None]
-        elif kind == "normal":
+        if kind == "normal":
             sd = covariance.diagonal().sqrt()
             for site, value in packing.layout._unpack_latent(sd):
                 setattr(guide.scales, site["name"], value.reshape(site["value"].shape))
