@@ -320,8 +320,6 @@ def _run_predict(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise BadInput(f"--out {out}: exists and is not a directory")
-    if args.draws < 1:
-        raise BadInput(f"--draws must be at least 1, got {args.draws}")
     idata = load_posterior(args.posterior)
     spec = card_of(idata, args.card)
     fitted = [str(s) for s in idata.posterior["specimen"].values] if "specimen" in \

@@ -141,6 +141,20 @@ def has_specimen_column(path: str | os.PathLike) -> bool:
     return False
 
 
+def prepare_output_file(out: str | os.PathLike) -> Path:
+    """``out`` as a path whose directory exists and which is not a directory itself, checked
+    before any work is done (so that a command does not run only to fail at the end)."""
+    out = Path(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BadInput(f"{out}: cannot create directory {str(out.parent)!r}: "
+                       f"{exc.strerror or exc}") from None
+    if out.is_dir():
+        raise BadInput(f"{out}: is a directory (give a file name for the data CSV)")
+    return out
+
+
 def write_experiments(experiments: Experiments, path: str | os.PathLike) -> None:
     """Write ``experiments`` in the long CSV format (recorded points only), atomically."""
     write_table(path, experiments._header(), experiments._rows())

@@ -33,6 +33,7 @@ from bayescal.data import (
     _assemble,
     _Specimen,
     _Table,
+    prepare_output_file,
     read_experiments,
     write_experiments,
 )
@@ -338,24 +339,12 @@ def read_matcal(directory: str | os.PathLike, stress_unit: str = "ksi",
 # ----------------------------------------------------------------------------------- writing
 
 
-def _output_path(out: str | os.PathLike) -> Path:
-    out = Path(out)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise BadInput(f"{out}: cannot create directory {str(out.parent)!r}: "
-                       f"{exc.strerror or exc}") from None
-    if out.is_dir():
-        raise BadInput(f"{out}: is a directory (give a file name for the data CSV)")
-    return out
-
-
 def import_matcal(directory: str | os.PathLike, out: str | os.PathLike, stress_unit: str = "ksi",
                   engineering: bool = False, trim: bool = True, pattern: str = "*.csv"
                   ) -> Imported:
     """:func:`read_matcal` written to ``out`` atomically, then read back and validated with
     :func:`~bayescal.data.read_experiments` (the returned experiments are the read-back)."""
-    out = _output_path(out)
+    out = prepare_output_file(out)
     curves = read_matcal_curves(directory, stress_unit, engineering, trim, pattern)
     write_experiments(experiments_from_curves(curves, str(directory)), out)
     experiments = read_experiments(out)

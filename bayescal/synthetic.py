@@ -12,8 +12,8 @@ import torch
 
 from bayescal.card import ModelSpec
 from bayescal.check import require_builtin
-from bayescal.data import (Experiments, has_specimen_column, read_load_path,
-                           write_experiments, write_table)
+from bayescal.data import (Experiments, has_specimen_column, prepare_output_file,
+                           read_load_path, write_experiments, write_table)
 from bayescal.errors import BadInput
 from bayescal.hierarchy import SolverFailure, draw_specimens
 from bayescal.simulate import simulate
@@ -99,17 +99,9 @@ def parameters_path(out: str | os.PathLike) -> Path:
 
 
 def output_paths(out: str | os.PathLike) -> tuple[Path, Path]:
-    """The data file ``out`` and its parameters file, after creating ``out``'s directory if
-    needed and checking that it is a file name (so that a simulation does not run only to fail
-    at the end)."""
-    out = Path(out)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise BadInput(f"{out}: cannot create directory {str(out.parent)!r}: "
-                       f"{exc.strerror or exc}") from None
-    if out.is_dir():
-        raise BadInput(f"{out}: is a directory (give a file name for the data CSV)")
+    """The data file ``out`` (checked by :func:`~bayescal.data.prepare_output_file`) and its
+    parameters file."""
+    out = prepare_output_file(out)
     return out, parameters_path(out)
 
 

@@ -1,4 +1,4 @@
-"""Shared test fixtures: float64 by default and an informative load path."""
+"""Shared test fixtures: float64 by default, thread count restored, an informative load path."""
 
 from __future__ import annotations
 
@@ -19,6 +19,14 @@ def float64():
     torch.set_default_dtype(torch.float64)
     yield
     torch.set_default_dtype(old)
+
+
+@pytest.fixture(autouse=True)
+def restore_threads():
+    """`bayescal.cli.main` sets one intra-op thread; put the setting back afterwards."""
+    old = torch.get_num_threads()
+    yield
+    torch.set_num_threads(old)
 
 
 def piecewise_path(segments, points_per_segment=30, batch=1):

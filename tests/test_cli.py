@@ -25,14 +25,6 @@ PERZYNA = str(ROOT / "models" / "perzyna-voce.toml")
 LOAD = str(ROOT / "docs" / "examples" / "informative-load.csv")
 
 
-@pytest.fixture(autouse=True)
-def restore_threads():
-    """`main` sets one intra-op thread; put the test process's setting back afterwards."""
-    old = torch.get_num_threads()
-    yield
-    torch.set_num_threads(old)
-
-
 def run(capsys, *argv):
     """``main(argv)``: exit status, stdout, stderr."""
     status = main([str(a) for a in argv])

@@ -7,7 +7,6 @@ import math
 from pathlib import Path
 
 import pytest
-import torch
 
 from bayescal.cli import COMMANDS, main
 from bayescal.data import read_experiments
@@ -18,6 +17,7 @@ from bayescal.importers import (
     read_matcal,
     read_matcal_file,
 )
+from tests.test_cli import run
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "realdata" / "matcal_304L_rate"
 SMALL_TENSION = REAL / "small_tension"
@@ -35,21 +35,6 @@ time, load, engineering_strain, engineering_stress
 5.0, 7, 0.2, 100.0
 6.0, 7, 0.3, 90.0
 """
-
-
-@pytest.fixture(autouse=True)
-def restore_threads():
-    """`main` sets one intra-op thread; put the test process's setting back afterwards."""
-    old = torch.get_num_threads()
-    yield
-    torch.set_num_threads(old)
-
-
-def run(capsys, *argv):
-    """``main(argv)``: exit status, stdout, stderr."""
-    status = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return status, out, err
 
 
 def folder(tmp_path, files: dict[str, str]) -> Path:
