@@ -9,12 +9,12 @@ from __future__ import annotations
 import math
 import os
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from bayescal.errors import BadInput
-from bayescal.material import MODELS
+from bayescal.material import MODELS, Integrable, get_model
 from bayescal.simulate import SolverOptions
 
 VARIES = ("specimen", "shared")
@@ -45,7 +45,12 @@ class ParameterSpec:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A loaded model card. ``parameters`` are in the model's parameter order."""
+    """A loaded model card. ``parameters`` are in the model's parameter order.
+
+    For a NEML2 card, ``neml2_shapes`` maps the NEML2 parameters the card sets to their
+    shapes (``parameters`` holds their scalar components) and ``compile`` asks for
+    :func:`neml2.compile`.
+    """
 
     model: str
     backend: str
@@ -56,6 +61,8 @@ class ModelSpec:
     path: Path
     noise_prior_scale: float = 10.0
     text: str = ""  # the card's TOML text, stored with a fit's output
+    compile: bool = False
+    neml2_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
     @property
     def calibrated(self) -> tuple[str, ...]:
@@ -105,7 +112,7 @@ def parse_card(text: str, path: str | os.PathLike) -> ModelSpec:
     if "model" not in card:
         raise BadInput(f"{path}: missing [model] table")
 
-    model = _Table(path, "model", card["model"], ("name", "backend", "file", "system"))
+    model = _Table(path, "model", card["model"], ("name", "backend", "file", "system", "compile"))
     backend = model.string("backend", "builtin")
     if backend not in BACKENDS:
         raise model.error(f"backend {backend!r} must be one of {', '.join(map(repr, BACKENDS))}")
@@ -114,6 +121,13 @@ def parse_card(text: str, path: str | os.PathLike) -> ModelSpec:
         name, file, system, names = _builtin(model, parameters)
     else:
         name, file, system, names = _neml2(model, parameters)
+    specs = {n: _parameter(path, n, parameters.data[n]) for n in names}
+    shapes = _neml2_shapes(model, file, system, specs) if backend == "neml2" else {}
+    if shapes:
+        from bayescal.neml2_backend import component_names
+
+        specs = {c: replace(specs[n], name=c) for n, shape in shapes.items()
+                 for c in component_names(n, shape)}
 
     solver = _Table(path, "solver", card.get("solver", {}),
                     ("n_chunk", "substeps", "transient_substeps", "rtol", "atol"))
@@ -131,17 +145,31 @@ def parse_card(text: str, path: str | os.PathLike) -> ModelSpec:
             rtol=solver.positive("rtol", defaults.rtol),
             atol=solver.positive("atol", defaults.atol),
         ),
-        parameters={n: _parameter(path, n, parameters.data[n]) for n in names},
+        parameters=specs,
         path=path,
         noise_prior_scale=noise.positive("prior_scale", ModelSpec.noise_prior_scale),
         text=text,
+        compile=model.boolean("compile", False),
+        neml2_shapes=shapes,
     )
+
+
+def load_model(spec: ModelSpec, compile: bool | None = None) -> Integrable:
+    """The card's model: a built-in one, or the NEML2 system (compiled with ``compile``,
+    default: the card's ``[model] compile``)."""
+    if spec.backend == "builtin":
+        return get_model(spec.model)
+    from bayescal.neml2_backend import NEML2Model
+
+    return NEML2Model(spec.file, spec.system, spec.neml2_shapes,
+                      compile=spec.compile if compile is None else compile,
+                      where=f"{spec.path}: [model]")
 
 
 def _builtin(model: _Table, parameters: _Table) -> tuple[str, None, None, tuple[str, ...]]:
     """Model name and parameter names of a built-in model card."""
     known = ", ".join(sorted(MODELS))
-    for key in ("file", "system"):
+    for key in ("file", "system", "compile"):
         if key in model.data:
             raise model.error(f"{key} applies only to backend = 'neml2'")
     name = model.string("name")
@@ -173,6 +201,25 @@ def _neml2(model: _Table, parameters: _Table) -> tuple[str, Path, str, tuple[str
     if not resolved.is_file():
         raise model.error(f"file {file!r} not found (looked for {resolved})")
     return "neml2", resolved, model.string("system", "eq_sys"), tuple(parameters.data)
+
+
+def _neml2_shapes(model: _Table, file: Path, system: str,
+                  specs: dict[str, ParameterSpec]) -> dict[str, tuple[int, ...]]:
+    """Shapes of the NEML2 parameters the card names (checked against the system)."""
+    from bayescal.neml2_backend import component_names, describe
+
+    info = describe(file, system, f"{model.path}: [model]")
+    known = ", ".join(sorted(info.parameters))
+    for name in specs:
+        if name not in info.parameters:
+            raise BadInput(f"{model.path}: [parameters.{name}] unknown parameter of system "
+                           f"{system!r} in {file.name} (parameters: {known})")
+    components = {c: n for n in specs for c in component_names(n, info.parameters[n])}
+    for name in specs:
+        if name in components and components[name] != name:
+            raise BadInput(f"{model.path}: [parameters.{name}] is also the name of a component "
+                           f"of {components[name]}: give only one of them")
+    return {n: info.parameters[n] for n in specs}
 
 
 def _parameter(path: Path, name: str, data: Any) -> ParameterSpec:
@@ -247,6 +294,12 @@ class _Table:
         if not value > 0:
             raise self.error(f"{key} must be positive, got {value!r}")
         return value
+
+    def boolean(self, key: str, default: bool) -> bool:
+        raw = self.data.get(key, default)
+        if not isinstance(raw, bool):
+            raise self.error(f"{key} must be true or false, got {raw!r}")
+        return raw
 
     def integer(self, key: str, default: int) -> int:
         raw = self.data.get(key, default)

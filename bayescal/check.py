@@ -29,10 +29,10 @@ from typing import Mapping, Sequence
 
 import torch
 
-from bayescal.card import ModelSpec
+from bayescal.card import ModelSpec, load_model
 from bayescal.data import Experiments
 from bayescal.errors import BadInput
-from bayescal.material import MaterialModel, StrainControlledResidual, get_model
+from bayescal.material import Integrable, MaterialModel
 from bayescal.simulate import SolverOptions, broadcast_params, integrate, refine, simulate
 
 #: Pass thresholds of the checks, by check name (module level so that tests can tighten them).
@@ -99,21 +99,16 @@ def check_parameters(spec: ModelSpec) -> dict[str, float]:
     return {name: (p.value if p.is_fixed else p.prior[0]) for name, p in spec.parameters.items()}
 
 
-def require_builtin(spec: ModelSpec) -> MaterialModel:
-    if spec.backend == "neml2":
-        raise BadInput(f"{spec.path}: [model] backend = 'neml2': the neml2 backend is not "
-                       "available yet")
-    return get_model(spec.model)
-
-
 @dataclass(frozen=True)
 class CheckLoad:
     """The recorded paths of the checks on the compute device: ``time``, ``strain``, ``mask``
-    of shape ``(n_rec, batch)`` (``mask`` False where a shorter path is padded)."""
+    (and ``temperature`` if the load has it) of shape ``(n_rec, batch)`` (``mask`` False where
+    a shorter path is padded)."""
 
     time: torch.Tensor
     strain: torch.Tensor
     mask: torch.Tensor
+    temperature: torch.Tensor | None = None
 
     @property
     def batch(self) -> int:
@@ -122,14 +117,17 @@ class CheckLoad:
 
 def check_load(load: Experiments | None = None, device: str | torch.device = "cpu") -> CheckLoad:
     """``load``'s paths (default: :func:`informative_path`) as a :class:`CheckLoad`."""
+    temperature = None
     if load is None:
         time, strain = informative_path()
         time, strain = time[:, None], strain[:, None]
         mask = torch.ones_like(time, dtype=torch.bool)
     else:
         time, strain, mask = load.time, load.strain, load.mask
+        if load.temperature is not None:
+            temperature = load.temperature.to(device, torch.float64)
     return CheckLoad(time.to(device, torch.float64), strain.to(device, torch.float64),
-                     mask.to(device))
+                     mask.to(device), temperature)
 
 
 def _tensors(params: Mapping[str, float], like: torch.Tensor,
@@ -147,11 +145,11 @@ def _failed(name: str, report, tolerance: float, what: str) -> CheckResult:
 # ------------------------------------------------------------------------------- the checks
 
 
-def check_jacobian(model: MaterialModel, params: Mapping[str, float], load: CheckLoad,
+def check_jacobian(model: Integrable, params: Mapping[str, float], load: CheckLoad,
                    options: SolverOptions) -> CheckResult:
     """Analytic residual Jacobian against autograd at the states of a solved trajectory."""
     name, tol = "jacobian", TOLERANCES["jacobian"]
-    grid = refine(load.time, load.strain, options)
+    grid = refine(load.time, load.strain, options, load.temperature)
     states, report = integrate(model, _tensors(params, load.time), grid, options, adjoint=False)
     if report.n_failed:
         return _failed(name, report, tol, "trajectory")
@@ -159,25 +157,30 @@ def check_jacobian(model: MaterialModel, params: Mapping[str, float], load: Chec
     # every step is its own one-step problem, so d R / d x_new and d R / d x_prev separate
     x_prev = states[:-1].reshape(1, steps * batch, n).detach().requires_grad_()
     x_new = states[1:].reshape(1, steps * batch, n).detach().requires_grad_()
-    pair = lambda x: torch.stack([x[:-1], x[1:]]).reshape(2, steps * batch, 1)  # noqa: E731
+    pair = lambda x: None if x is None else torch.stack([x[:-1], x[1:]]).reshape(  # noqa: E731
+        2, steps * batch)
     p = broadcast_params(model, _tensors(params, load.time), batch, load.time)
-    factory = StrainControlledResidual(model, {k: v.repeat(steps) for k, v in p.items()})
-    R, J = factory.evaluate_raw(torch.cat([x_prev, x_new]), (pair(grid.time), pair(grid.strain)))
-    auto_diag = torch.empty_like(J.diag)
-    auto_sub = torch.empty_like(J.diag)
+    factory = model.factory({k: v.repeat(steps) for k, v in p.items()})
+    forces = model.forces(pair(grid.time), pair(grid.strain), pair(grid.temperature))
+    R, J = factory.evaluate_raw(torch.cat([x_prev, x_new]), forces)
+    diag, sub = model.dense_jacobian(J)
+    auto_diag = torch.empty_like(diag)
+    auto_sub = torch.empty_like(diag)
     for i in range(n):
         g_prev, g_new = torch.autograd.grad(R[..., i].sum(), (x_prev, x_new), retain_graph=True)
         auto_diag[..., i, :] = g_new
         auto_sub[..., i, :] = g_prev
     errors = []
-    for analytic, auto in ((J.diag, auto_diag), (J.sub.expand_as(auto_sub), auto_sub)):
+    for analytic, auto in ((diag, auto_diag), (sub, auto_sub)):
         scale = auto.abs().amax(dim=-1, keepdim=True).clamp_min(torch.finfo(auto.dtype).tiny)
         errors.append(((analytic.detach() - auto).abs() / scale).amax())
     value = float(torch.stack(errors).max())
-    eye = torch.eye(n, dtype=J.diag.dtype, device=J.diag.device)
-    inelastic = int(((J.diag.detach() - eye).abs().amax(dim=(-2, -1)) > 0).sum())
-    detail = (f"{steps} steps x {batch} path(s), {inelastic} of {steps * batch} diagonal blocks "
-              "inelastic; error relative to the largest entry of each block row")
+    detail = f"{steps} steps x {batch} path(s)"
+    if isinstance(model, MaterialModel):  # an elastic step's diagonal block is the identity
+        eye = torch.eye(n, dtype=diag.dtype, device=diag.device)
+        inelastic = int(((diag.detach() - eye).abs().amax(dim=(-2, -1)) > 0).sum())
+        detail += f", {inelastic} of {steps * batch} diagonal blocks inelastic"
+    detail += "; error relative to the largest entry of each block row"
     return CheckResult(name, value, tol, value <= tol, detail)
 
 
@@ -187,7 +190,7 @@ def _weights(load: CheckLoad) -> torch.Tensor:
     return w[:, None] * load.mask
 
 
-def check_adjoint(model: MaterialModel, params: Mapping[str, float], calibrated: Sequence[str],
+def check_adjoint(model: Integrable, params: Mapping[str, float], calibrated: Sequence[str],
                   load: CheckLoad, options: SolverOptions) -> CheckResult:
     """Adjoint gradient of ``sum(w * stress)`` against central finite differences."""
     name, tol = "adjoint-gradient", TOLERANCES["adjoint-gradient"]
@@ -196,7 +199,8 @@ def check_adjoint(model: MaterialModel, params: Mapping[str, float], calibrated:
     tight = replace(options, rtol=GRADIENT_TOLERANCE, atol=GRADIENT_TOLERANCE)
     w = _weights(load)
     p = _tensors(params, load.time, grad=calibrated)
-    stress, report = simulate(model, p, load.time, load.strain, tight)
+    stress, report = simulate(model, p, load.time, load.strain, tight,
+                              temperature=load.temperature)
     if report.n_failed:
         return _failed(name, report, tol, "adjoint solve")
     loss = (w * torch.where(load.mask, stress, 0.0)).sum()
@@ -216,7 +220,8 @@ def check_adjoint(model: MaterialModel, params: Mapping[str, float], calibrated:
             perturbed[k][len(offsets) * i + j] += a * float(h[i])
     stress, report = simulate(model, {k: v.reshape(-1) for k, v in perturbed.items()},
                               load.time.repeat(1, n_pert), load.strain.repeat(1, n_pert), tight,
-                              adjoint=False)
+                              adjoint=False, temperature=None if load.temperature is None
+                              else load.temperature.repeat(1, n_pert))
     if report.n_failed:
         return _failed(name, report, tol, "finite-difference solves")
     losses = (w.repeat(1, n_pert) * torch.where(load.mask.repeat(1, n_pert), stress, 0.0))
@@ -242,16 +247,18 @@ def check_adjoint(model: MaterialModel, params: Mapping[str, float], calibrated:
     return CheckResult(name, value, tol, value <= tol, detail)
 
 
-def check_chunking(model: MaterialModel, params: Mapping[str, float], load: CheckLoad,
+def check_chunking(model: Integrable, params: Mapping[str, float], load: CheckLoad,
                    options: SolverOptions) -> CheckResult:
     """Stress with the card's ``n_chunk`` against a sequential solve."""
     name, tol = "chunking", TOLERANCES["chunking"]
     p = _tensors(params, load.time)
-    chunked, report = simulate(model, p, load.time, load.strain, options, adjoint=False)
+    chunked, report = simulate(model, p, load.time, load.strain, options, adjoint=False,
+                               temperature=load.temperature)
     if report.n_failed:
         return _failed(name, report, tol, f"n_chunk = {options.n_chunk}")
     sequential, report = simulate(model, p, load.time, load.strain,
-                                  replace(options, n_chunk=1), adjoint=False)
+                                  replace(options, n_chunk=1), adjoint=False,
+                                  temperature=load.temperature)
     if report.n_failed:
         return _failed(name, report, tol, "n_chunk = 1")
     diff = float((chunked - sequential).abs()[load.mask].max())
@@ -262,17 +269,19 @@ def check_chunking(model: MaterialModel, params: Mapping[str, float], load: Chec
     return CheckResult(name, value, tol, value <= tol, detail)
 
 
-def check_integration(model: MaterialModel, params: Mapping[str, float], load: CheckLoad,
+def check_integration(model: Integrable, params: Mapping[str, float], load: CheckLoad,
                       options: SolverOptions) -> CheckResult:
     """The card's sub-steps against a grid :data:`FINER` times finer, at the recorded points."""
     name, tol = "integration", TOLERANCES["integration"]
     p = _tensors(params, load.time)
-    card, report = simulate(model, p, load.time, load.strain, options, adjoint=False)
+    card, report = simulate(model, p, load.time, load.strain, options, adjoint=False,
+                            temperature=load.temperature)
     if report.n_failed:
         return _failed(name, report, tol, "card grid")
     fine_options = replace(options, substeps=FINER * options.substeps,
                            transient_substeps=FINER * options.transient_substeps)
-    fine, report = simulate(model, p, load.time, load.strain, fine_options, adjoint=False)
+    fine, report = simulate(model, p, load.time, load.strain, fine_options, adjoint=False,
+                            temperature=load.temperature)
     if report.n_failed:
         return _failed(name, report, tol, "finer grid")
     diff = (card - fine)[load.mask]
@@ -287,8 +296,8 @@ def check_integration(model: MaterialModel, params: Mapping[str, float], load: C
 def check_model(spec: ModelSpec, load: Experiments | None = None,
                 device: str | torch.device = "cpu") -> list[CheckResult]:
     """Run every check of a card's model on ``load`` (default: :func:`informative_path`) at
-    :func:`check_parameters`. Raises :class:`BadInput` for a NEML2 card (not available yet)."""
-    model = require_builtin(spec)
+    :func:`check_parameters`."""
+    model = load_model(spec)
     path = check_load(load, device)
     params = check_parameters(spec)
     options = spec.solver

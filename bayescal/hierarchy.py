@@ -32,9 +32,9 @@ import pyro.distributions as dist
 import torch
 from pyro import poutine
 
-from bayescal.card import ModelSpec
+from bayescal.card import ModelSpec, load_model
 from bayescal.data import Experiments
-from bayescal.material import MaterialModel, get_model
+from bayescal.material import Integrable
 from bayescal.simulate import Grid, SolverOptions, SolveReport, integrate, refine
 
 
@@ -86,19 +86,21 @@ class Hierarchy:
     Call the instance as the Pyro model. ``observed=False`` leaves stress unobserved (for
     simulation and posterior-predictive draws). With ``warm_start`` each solve starts Newton
     from the previous solve's trajectory when the batch has the same size (successive
-    Newton iterates of the MAP change parameters only a little).
+    Newton iterates of the MAP change parameters only a little). ``compile`` (default: the
+    card's) compiles a NEML2 model (:func:`~bayescal.card.load_model`).
     """
 
     def __init__(self, spec: ModelSpec, experiments: Experiments,
                  options: SolverOptions | None = None, centered: bool = False,
-                 warm_start: bool = True) -> None:
+                 warm_start: bool = True, compile: bool | None = None) -> None:
         self.spec = spec
-        self.model: MaterialModel = get_model(spec.model)
+        self.model: Integrable = load_model(spec, compile)
         self.experiments = experiments
         self.options = options or spec.solver
         self.centered = centered
         self.transforms = {name: Bounded(*spec.parameters[name].bounds) for name in spec.calibrated}
-        self.grid = refine(experiments.time, experiments.strain, self.options)
+        self.grid = refine(experiments.time, experiments.strain, self.options,
+                           experiments.temperature)
         self.last_report: SolveReport | None = None
         self.warm_start = warm_start
         self.strict = True  # a failed solve raises SolverFailure (else: NaN, see last_report)
@@ -166,7 +168,8 @@ class Hierarchy:
         n_total = int(np.prod(batch))
         grid = self.grid
         reps = n_total // n_spec
-        batched = Grid(grid.time.repeat(1, reps), grid.strain.repeat(1, reps), grid.recorded)
+        batched = Grid(grid.time.repeat(1, reps), grid.strain.repeat(1, reps), grid.recorded,
+                       None if grid.temperature is None else grid.temperature.repeat(1, reps))
         guess = self._previous
         if guess is not None and guess.shape[1] != n_total:
             guess = None

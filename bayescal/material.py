@@ -3,6 +3,8 @@
 A model is one small class: the rate of its internal state at fixed total strain and the
 Jacobian of that rate (:meth:`MaterialModel.rate`). Everything else (the backward Euler
 residual, its block Jacobian, pyzag's chunked Newton and adjoint) is shared.
+:class:`Integrable` is what the solver needs of any model, built-in or NEML2
+(:mod:`bayescal.neml2_backend`).
 
 The state vector of every built-in model is expressed in MPa (stress first), so a single
 residual norm never mixes units.
@@ -30,7 +32,44 @@ def _stack_jacobian(rows: Sequence[Sequence[torch.Tensor]]) -> torch.Tensor:
     return torch.stack(torch.broadcast_tensors(*[_stack(row) for row in rows]), dim=-2)
 
 
-class MaterialModel(ABC):
+class Integrable(ABC):
+    """What :func:`bayescal.simulate.integrate` needs of a model: its ``name``, its
+    ``parameters`` (scalar names, each given as a ``(batch,)`` tensor), a pyzag operator
+    factory at given parameters, the driving forces of a grid, the initial state and the
+    stress of a state."""
+
+    name: str
+    parameters: tuple[str, ...]
+
+    @property
+    @abstractmethod
+    def n_state(self) -> int:
+        """Length of the state vector."""
+
+    @abstractmethod
+    def factory(self, params: Params) -> NonlinearFunctionOperatorFactory:
+        """The pyzag operator factory of the discretised equations at ``params``."""
+
+    @abstractmethod
+    def forces(self, time: torch.Tensor, strain: torch.Tensor,
+               temperature: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        """pyzag's driving forces, each ``(step, batch, n)``, for ``(step, batch)`` paths."""
+
+    def initial_state(self, batch: int, like: torch.Tensor) -> torch.Tensor:
+        """The state at the first point: zero, ``(batch, n_state)``."""
+        return torch.zeros(batch, self.n_state, dtype=like.dtype, device=like.device)
+
+    @abstractmethod
+    def stress(self, state: torch.Tensor) -> torch.Tensor:
+        """Axial stress (MPa) from a state tensor ``(..., n_state)``."""
+
+    @abstractmethod
+    def dense_jacobian(self, jacobian) -> tuple[torch.Tensor, torch.Tensor]:
+        """The diagonal and sub-diagonal blocks of a factory's block Jacobian as dense
+        ``(step, batch, n_state, n_state)`` tensors (for :mod:`bayescal.check`)."""
+
+
+class MaterialModel(Integrable):
     """A uniaxial strain-controlled model: ``dx/dt = rate(x) + coupling * d(strain)/dt``.
 
     Subclasses set ``name``, ``parameters``, ``state_names`` (stress first) and implement
@@ -62,10 +101,18 @@ class MaterialModel(ABC):
         out[..., 0] = E
         return out
 
-    @staticmethod
-    def stress(state: torch.Tensor) -> torch.Tensor:
-        """Stress (MPa) from a state tensor."""
+    def factory(self, params: Params) -> StrainControlledResidual:
+        return StrainControlledResidual(self, params)
+
+    def forces(self, time, strain, temperature=None):
+        """Time and strain (the built-in models are isothermal: temperature is not used)."""
+        return time[..., None], strain[..., None]
+
+    def stress(self, state: torch.Tensor) -> torch.Tensor:
         return state[..., 0]
+
+    def dense_jacobian(self, jacobian):
+        return jacobian.diag, jacobian.sub.expand_as(jacobian.diag)
 
 
 def _power_flow(f: torch.Tensor, eta: torch.Tensor, n: torch.Tensor):

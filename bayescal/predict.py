@@ -24,8 +24,7 @@ import numpy as np
 import torch
 import xarray as xr
 
-from bayescal.card import ModelSpec, load_card, parse_card
-from bayescal.check import require_builtin
+from bayescal.card import ModelSpec, load_card, load_model, parse_card
 from bayescal.data import Experiments, write_table
 from bayescal.errors import BadInput
 from bayescal.hierarchy import Bounded, population_moments
@@ -157,7 +156,7 @@ def propagate(spec: ModelSpec, parameters: dict[str, torch.Tensor], load: Experi
     ``(draw, path)``, in batched solves; returns it with the number of failed draws."""
     from tqdm.auto import tqdm
 
-    model = require_builtin(spec)
+    model = load_model(spec)
     n_paths = load.n_specimens
     n = max(v.shape[0] for v in parameters.values())
     full = {k: v.reshape(v.shape[0], -1).expand(n, n_paths) for k, v in parameters.items()}
@@ -167,8 +166,9 @@ def propagate(spec: ModelSpec, parameters: dict[str, torch.Tensor], load: Experi
                       unit="batch"):
         d = min(per_piece, n - start)
         params = {k: v[start:start + d].reshape(-1) for k, v in full.items()}
+        temperature = None if load.temperature is None else load.temperature.repeat(1, d)
         stress, _ = simulate(model, params, load.time.repeat(1, d), load.strain.repeat(1, d),
-                             spec.solver, adjoint=False)
+                             spec.solver, adjoint=False, temperature=temperature)
         pieces.append(stress.T.reshape(d, n_paths, -1))
     stress = torch.cat(pieces)
     failed = int(torch.isnan(stress).flatten(1).any(-1).sum())

@@ -26,10 +26,10 @@ import torch
 from pyzag import chunktime, nonlinear
 from pyzag.operators.dense import DenseBlockVector
 
-from bayescal.material import MaterialModel, StrainControlledResidual
+from bayescal.material import Integrable, MaterialModel, StrainControlledResidual
 
 # pyzag announces, once per process, a torch.compile setting that matters only to compiled
-# models; bayescal does not compile, so the notice is noise to its users.
+# models (which it has already made safe for its adjoint): noise to bayescal's users.
 warnings.filterwarnings("ignore", message="pyzag lowered torch._functorch.config.donated_buffer")
 
 PREDICTORS = {
@@ -61,12 +61,13 @@ class SolverOptions:
 
 @dataclass(frozen=True)
 class Grid:
-    """An integration grid: ``time``, ``strain`` of shape ``(step, batch)`` and the
-    indices of the recorded points within it."""
+    """An integration grid: ``time``, ``strain`` (and ``temperature`` where the data have
+    it) of shape ``(step, batch)`` and the indices of the recorded points within it."""
 
     time: torch.Tensor
     strain: torch.Tensor
     recorded: torch.Tensor
+    temperature: torch.Tensor | None = None
 
     @property
     def n_steps(self) -> int:
@@ -106,29 +107,35 @@ def _fractions(n: int, ratio: float, dtype, device) -> torch.Tensor:
     return (ratio**j - 1.0) / (ratio**n - 1.0)
 
 
-def refine(time: torch.Tensor, strain: torch.Tensor, options: SolverOptions) -> Grid:
-    """Sub-step a recorded path; ``time``, ``strain`` have shape ``(n_rec, batch)``.
+def refine(time: torch.Tensor, strain: torch.Tensor, options: SolverOptions,
+           temperature: torch.Tensor | None = None) -> Grid:
+    """Sub-step a recorded path; ``time``, ``strain`` (and ``temperature``) have shape
+    ``(n_rec, batch)``.
 
     Sub-steps are placed in fractions of each interval shared by all specimens (so the
-    batch shares one grid shape); strain is linear in time within an interval.
+    batch shares one grid shape); strain and temperature are linear in time within an
+    interval.
     """
     transient = _rate_changes(time, strain)
     uniform = _fractions(options.substeps, 1.0, time.dtype, time.device)
     graded = _fractions(options.transient_substeps, options.grading, time.dtype, time.device)
-    pieces_t, pieces_e, recorded = [time[:1]], [strain[:1]], [0]
+    paths = [x for x in (time, strain, temperature) if x is not None]
+    pieces, recorded = [[x[:1]] for x in paths], [0]
     for k in range(time.shape[0] - 1):
         u = (graded if transient[k] else uniform)[1:, None]
-        pieces_t.append(time[k] + u * (time[k + 1] - time[k]))
-        pieces_e.append(strain[k] + u * (strain[k + 1] - strain[k]))
+        for x, parts in zip(paths, pieces):
+            parts.append(x[k] + u * (x[k + 1] - x[k]))
         recorded.append(recorded[-1] + u.shape[0])
+    refined = [torch.cat(parts) for parts in pieces]
     return Grid(
-        time=torch.cat(pieces_t),
-        strain=torch.cat(pieces_e),
+        time=refined[0],
+        strain=refined[1],
         recorded=torch.tensor(recorded, device=time.device),
+        temperature=refined[2] if temperature is not None else None,
     )
 
 
-def broadcast_params(model: MaterialModel, params: Mapping[str, torch.Tensor | float],
+def broadcast_params(model: Integrable, params: Mapping[str, torch.Tensor | float],
                      batch: int, like: torch.Tensor) -> dict[str, torch.Tensor]:
     """Every model parameter as a tensor of shape ``(batch,)`` (scalars are expanded)."""
     missing = [name for name in model.parameters if name not in params]
@@ -173,8 +180,9 @@ class SmallBlockScan(chunktime.BidiagonalInverseOperator):
 class _RetryingSolver(nonlinear.RecursiveNonlinearEquationSolver):
     """pyzag's chunked solver, re-solving failed chunks in halves down to single steps."""
 
-    def __init__(self, factory: StrainControlledResidual, options: SolverOptions,
-                 report: SolveReport, guess: torch.Tensor | None = None) -> None:
+    def __init__(self, factory: nonlinear.NonlinearFunctionOperatorFactory,
+                 options: SolverOptions, report: SolveReport,
+                 guess: torch.Tensor | None = None) -> None:
         super().__init__(
             factory,
             step_generator=nonlinear.StepGenerator(
@@ -182,7 +190,9 @@ class _RetryingSolver(nonlinear.RecursiveNonlinearEquationSolver):
             ),
             predictor=(PREDICTORS[options.predictor]() if guess is None
                        else nonlinear.FullTrajectoryPredictor(guess)),
-            direct_solve_operator=SmallBlockScan,
+            # the built-in models' dense blocks; NEML2's factory brings its own block types
+            direct_solve_operator=(SmallBlockScan if isinstance(factory, StrainControlledResidual)
+                                   else chunktime.BidiagonalThomasFactorization),
             nonlinear_solver=chunktime.ChunkNewtonRaphson(
                 rtol=options.rtol, atol=options.atol, miter=options.max_iterations,
                 record_failed=True,
@@ -220,7 +230,7 @@ class _RetryingSolver(nonlinear.RecursiveNonlinearEquationSolver):
         return torch.cat([first, second])
 
 
-def integrate(model: MaterialModel, params: Mapping[str, torch.Tensor | float], grid: Grid,
+def integrate(model: Integrable, params: Mapping[str, torch.Tensor | float], grid: Grid,
               options: SolverOptions = SolverOptions(), adjoint: bool = True,
               guess: torch.Tensor | None = None) -> tuple[torch.Tensor, SolveReport]:
     """Integrate from a zero state over ``grid``; returns states ``(step, batch, n_state)``.
@@ -232,11 +242,11 @@ def integrate(model: MaterialModel, params: Mapping[str, torch.Tensor | float], 
     """
     batch = grid.time.shape[1]
     p = broadcast_params(model, params, batch, grid.time)
-    factory = StrainControlledResidual(model, p)
+    factory = model.factory(p)
     report = SolveReport(failed=torch.zeros(batch, dtype=torch.bool, device=grid.time.device))
     solver = _RetryingSolver(factory, options, report, guess)
-    y0 = torch.zeros(batch, model.n_state, dtype=grid.time.dtype, device=grid.time.device)
-    forces = (grid.time[..., None], grid.strain[..., None])
+    y0 = model.initial_state(batch, grid.time)
+    forces = model.forces(grid.time, grid.strain, grid.temperature)
     if adjoint:
         states = nonlinear.solve_adjoint(solver, y0, grid.n_steps, *forces)
         if report.n_failed:
@@ -274,10 +284,12 @@ def integrate_unrolled(model: MaterialModel, params: Mapping[str, torch.Tensor |
     return torch.stack(states)
 
 
-def simulate(model: MaterialModel, params: Mapping[str, torch.Tensor | float],
+def simulate(model: Integrable, params: Mapping[str, torch.Tensor | float],
              time: torch.Tensor, strain: torch.Tensor, options: SolverOptions = SolverOptions(),
-             adjoint: bool = True) -> tuple[torch.Tensor, SolveReport]:
-    """Stress ``(n_rec, batch)`` at the recorded points of ``time``/``strain`` ``(n_rec, batch)``."""
-    grid = refine(time, strain, options)
+             adjoint: bool = True, temperature: torch.Tensor | None = None,
+             ) -> tuple[torch.Tensor, SolveReport]:
+    """Stress ``(n_rec, batch)`` at the recorded points of ``time``/``strain`` (and
+    ``temperature``) ``(n_rec, batch)``."""
+    grid = refine(time, strain, options, temperature)
     states, report = integrate(model, params, grid, options, adjoint=adjoint)
     return model.stress(states[grid.recorded]), report

@@ -10,8 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bayescal.card import ModelSpec
-from bayescal.check import require_builtin
+from bayescal.card import ModelSpec, load_model
 from bayescal.data import (Experiments, has_specimen_column, prepare_output_file,
                            read_load_path, write_experiments, write_table)
 from bayescal.errors import BadInput
@@ -64,14 +63,16 @@ def simulate_experiments(spec: ModelSpec, load: Experiments, seed: int = 0,
     Raises :class:`~bayescal.hierarchy.SolverFailure` if a specimen cannot be integrated."""
     if not noise_sd >= 0:
         raise BadInput(f"the noise sd (--noise) must be non-negative, got {noise_sd:g}")
-    model = require_builtin(spec)
+    model = load_model(spec)
     n = load.n_specimens
     params = draw_specimens(spec, n, seed)
     device = torch.device(device)
     stress, report = simulate(
         model, {k: v.to(device) for k, v in params.items()},
         load.time.to(device, torch.float64), load.strain.to(device, torch.float64),
-        spec.solver, adjoint=False)
+        spec.solver, adjoint=False,
+        temperature=None if load.temperature is None else load.temperature.to(device,
+                                                                             torch.float64))
     if report.n_failed:
         raise SolverFailure(report)
     stress = stress.cpu()

@@ -140,27 +140,34 @@ NEML2 = """\
 backend = "neml2"
 file = "inputs/model.i"
 
-[parameters.yield_stress]
+[parameters.sy_value]
 bounds = [100.0, 600.0]
 prior = [250.0, 60.0]
 
-[parameters.E]
+[parameters.E_value]
 value = 200000.0
 """
 
 
 def test_neml2_card(tmp_path):
+    pytest.importorskip("neml2")
     (tmp_path / "inputs").mkdir()
-    (tmp_path / "inputs" / "model.i").write_text("[Models]\n")
+    (tmp_path / "inputs" / "model.i").write_text(
+        (MODELS_DIR / "neml2" / "perzyna-voce.i").read_text())
     spec = load_card(write(tmp_path, NEML2))
     assert (spec.model, spec.backend, spec.system) == ("neml2", "neml2", "eq_sys")
     assert spec.file == tmp_path / "inputs" / "model.i"
-    assert list(spec.parameters) == ["yield_stress", "E"]
-    assert spec.calibrated == ("yield_stress",) and spec.fixed == ("E",)
-    spec = load_card(write(tmp_path, edit('file = "inputs/model.i"\n',
-                                          'file = "inputs/model.i"\nsystem = "sys"\nname = "neml2"\n',
-                                          NEML2)))
-    assert spec.system == "sys"
+    assert list(spec.parameters) == ["sy_value", "E_value"]
+    assert spec.calibrated == ("sy_value",) and spec.fixed == ("E_value",)
+    assert spec.neml2_shapes == {"sy_value": (), "E_value": ()} and not spec.compile
+    spec = load_card(write(tmp_path, edit(
+        'file = "inputs/model.i"\n',
+        'file = "inputs/model.i"\nsystem = "eq_sys"\nname = "neml2"\ncompile = true\n', NEML2)))
+    assert spec.system == "eq_sys" and spec.compile
+    assert bad(tmp_path, edit('file = "inputs/model.i"\n', 'file = "inputs/model.i"\nsystem = "sys"\n',
+                              NEML2)) == (
+        f"card.toml: [model] cannot load system 'sys' from {tmp_path / 'inputs/model.i'}: "
+        f"KeyError: 'No [EquationSystems/sys] found in {tmp_path / 'inputs/model.i'}'")
 
 
 def test_neml2_card_errors(tmp_path):
@@ -172,8 +179,9 @@ def test_neml2_card_errors(tmp_path):
     (tmp_path / "inputs" / "model.i").write_text("[Models]\n")
     assert bad(tmp_path, edit('backend = "neml2"\n', 'backend = "neml2"\nname = "chaboche"\n', NEML2)) == (
         "card.toml: [model] name 'chaboche' conflicts with backend = 'neml2' (omit name)")
-    assert bad(tmp_path, edit("[parameters.E]\nvalue = 200000.0\n", "[parameters.E]\n", NEML2)) == (
-        "card.toml: [parameters.E] needs value (fixed) or bounds and prior (calibrated)")
+    assert bad(tmp_path, edit("[parameters.E_value]\nvalue = 200000.0\n", "[parameters.E_value]\n",
+                              NEML2)) == (
+        "card.toml: [parameters.E_value] needs value (fixed) or bounds and prior (calibrated)")
 
 
 # ----------------------------------------------------------------------------- bad cards
@@ -361,7 +369,7 @@ def test_noise_prior_scale_positive(tmp_path, value):
 
 @pytest.mark.parametrize("old, new, message", [
     ('name = "perzyna-voce"', 'name = "perzyna-voce"\nnmae = "x"',
-     "[model] unknown key 'nmae' (allowed: name, backend, file, system)"),
+     "[model] unknown key 'nmae' (allowed: name, backend, file, system, compile)"),
     ("n_chunk = 10", "n_chunk = 10\nnchunk = 5\nsub_steps = 2",
      "[solver] unknown key 'nchunk', 'sub_steps' (allowed: n_chunk, substeps, transient_substeps, rtol, atol)"),
     ("prior_scale = 5.0", "prior_scale = 5.0\nscale = 1.0",

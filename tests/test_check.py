@@ -21,7 +21,6 @@ from bayescal.check import (
     informative_path,
 )
 from bayescal.data import read_load_path
-from bayescal.errors import BadInput
 from bayescal.material import PerzynaVoce, get_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -179,12 +178,3 @@ def test_all_fixed_card_has_nothing_to_differentiate(tmp_path, short_load):
     results = {r.name: r for r in check_model(load_card(card), short_load)}
     assert results["adjoint-gradient"].passed and results["adjoint-gradient"].value == 0.0
     assert results["jacobian"].passed and results["chunking"].passed
-
-
-def test_neml2_cards_are_not_supported_yet(tmp_path):
-    (tmp_path / "model.i").write_text("# NEML2 input\n")
-    card = tmp_path / "neml2.toml"
-    card.write_text('[model]\nbackend = "neml2"\nfile = "model.i"\n\n'
-                    "[parameters.E]\nvalue = 200000.0\n")
-    with pytest.raises(BadInput, match="neml2 backend is not available yet"):
-        check_model(load_card(card))
