@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Mapping
 
 import torch
+from pyzag.nonlinear import ChunkOp, NonlinearFunctionOperatorFactory
 
 from bayescal.errors import BadInput
 from bayescal.material import Integrable, Params
@@ -130,6 +131,41 @@ def component_names(name: str, shape: tuple[int, ...]) -> tuple[str, ...]:
     return tuple(f"{name}_{i}" for i in range(math.prod(shape)))
 
 
+class BoundSystem(torch.nn.Module, NonlinearFunctionOperatorFactory):
+    """A ``NEML2PyzagModel`` with one solve's parameter values, as a pyzag factory.
+
+    The wrapped system is shared (and compiled once); each solve gets its own binding, which
+    sets its values on the system before every evaluation. So a solve's adjoint, run after
+    other solves (e.g. one backward pass over several particles' solves), still evaluates
+    with that solve's parameters. Values that require grad are the adjoint's
+    (``converted_params``).
+    """
+
+    def __init__(self, system, values: Mapping[str, torch.Tensor]) -> None:
+        super().__init__()
+        object.__setattr__(self, "system", system)  # not a submodule: no parameters of its own
+        self.names = tuple(values)
+        for name, value in values.items():
+            setattr(self, name, value)
+        self.converted_params = [name for name, value in values.items() if value.requires_grad]
+
+    @property
+    def lookback(self) -> int:
+        return self.system.lookback
+
+    @property
+    def wrapper(self):
+        return self.system.wrapper
+
+    def evaluate_raw(self, x_full, forces):
+        for name in self.names:
+            setattr(self.system, name, getattr(self, name))
+        return self.system.evaluate_raw(x_full, forces)
+
+    def make_operator(self, prev_solution, forces, inverse_operator):
+        return ChunkOp(self, prev_solution, forces, inverse_operator)
+
+
 class NEML2Model(Integrable):
     """A NEML2 equation system as an :class:`~bayescal.material.Integrable`.
 
@@ -148,10 +184,9 @@ class NEML2Model(Integrable):
         self.shapes = dict(shapes)
         self.parameters = tuple(c for n, s in self.shapes.items() for c in component_names(n, s))
         self._factory = _wrap(load_system(self.file, system, where), where, list(self.shapes))
-        # bayescal sets every parameter as a plain (batch, ...) tensor before each solve
+        # every parameter becomes a plain (batch, ...) tensor, set by BoundSystem
         for name in self._factory.parameter_names:
             del self._factory._parameters[name]
-        self._factory.converted_params = []
         self._device = torch.device("cpu")
         state = self._factory.slayout
         offsets = [0]
@@ -169,20 +204,14 @@ class NEML2Model(Integrable):
     def needs_temperature(self) -> bool:
         return TEMPERATURE in self._factory.fvars
 
-    def factory(self, params: Params):
-        """The wrapped system with every parameter set to its ``(batch, *shape)`` values;
-        those that require grad are the adjoint's (``converted_params``)."""
-        f = self._factory
-        grad = []
+    def factory(self, params: Params) -> BoundSystem:
+        """The wrapped system bound to every parameter's ``(batch, *shape)`` values."""
+        values = {}
         for name, shape in self.shapes.items():
             parts = [params[c] for c in component_names(name, shape)]
-            value = parts[0] if not shape else torch.stack(parts, -1).reshape(
+            values[name] = parts[0] if not shape else torch.stack(parts, -1).reshape(
                 *parts[0].shape, *shape)
-            setattr(f, name, value)
-            if value.requires_grad:
-                grad.append(name)
-        f.converted_params = grad
-        return f
+        return BoundSystem(self._factory, values)
 
     def forces(self, time, strain, temperature=None):
         """One flat force tensor ``(step, batch, n)`` in the system's force layout."""

@@ -236,6 +236,33 @@ def test_jacobian_and_adjoint_checks_on_the_neml2_model(neml2):
     assert adjoint.value < 1e-7 and "kink" not in adjoint.detail
 
 
+def test_solves_keep_their_parameters_until_their_adjoint(neml2):
+    """Two solves through one model before one backward pass (as Pyro does for several
+    particles) give each solve's own gradient."""
+    spec = load_card(PV_CARD)
+    model = load_model(spec)
+    time, strain = check.informative_path(3)
+    time, strain = time[:, None], strain[:, None]
+
+    def gradient(values, together=None):
+        params = {k: torch.tensor([v]) for k, v in check.check_parameters(spec).items()}
+        params.update({k: torch.tensor([v], requires_grad=True) for k, v in values.items()})
+        stress = simulate(model, params, time, strain, spec.solver)[0]
+        return params, stress.square().sum()
+
+    alone = []
+    for sy in (250.0, 320.0):
+        params, loss = gradient({"sy_value": sy, "eta_value": 300.0})
+        loss.backward()
+        alone.append(torch.cat([params["sy_value"].grad, params["eta_value"].grad]))
+    (p1, l1), (p2, l2) = (gradient({"sy_value": sy, "eta_value": 300.0}) for sy in (250.0, 320.0))
+    (l1 + l2).backward()
+    together = [torch.cat([p["sy_value"].grad, p["eta_value"].grad]) for p in (p1, p2)]
+    assert float((alone[0] - alone[1]).abs().min()) > 1.0
+    for a, b in zip(alone, together):
+        assert torch.allclose(a, b, rtol=1e-12, atol=0)
+
+
 def test_adjoint_gradient_of_the_kocks_mecking_model(neml2):
     """The adjoint through the Kocks-Mecking system (flow switch, complementarity, tables)
     against central differences, at two temperatures and two rates."""
