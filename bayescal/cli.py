@@ -157,20 +157,23 @@ def _run_simulate(args: argparse.Namespace) -> int:
 
 
 def _add_fit(subparsers) -> argparse.ArgumentParser:
+    from bayescal.fit import METHODS
+    from bayescal.inference.nuts import INITS, NUTSConfig
     from bayescal.inference.svi import GUIDES, SVIConfig
 
-    defaults = SVIConfig()
+    defaults, sampler = SVIConfig(), NUTSConfig()
     parser = _command(
         subparsers, "fit", "calibrate a card's hierarchical model against data",
         "Fit the population, each specimen's parameters and the noise. MAP (damped Newton) and a "
-        "Laplace approximation always come first; --method svi then refines the chosen guide. "
+        "Laplace approximation always come first; --method svi then refines the chosen guide, "
+        "--method nuts samples the posterior from there. "
         "Writes DIR/posterior.nc (ArviZ InferenceData), checkpoints and figures.")
     parser.add_argument("card", metavar="CARD", help="model card (TOML)")
     parser.add_argument("--data", metavar="DATA.csv", required=True, help="test data (long CSV)")
-    parser.add_argument("--method", choices=("map", "laplace", "svi"), default="svi",
+    parser.add_argument("--method", choices=METHODS, default="svi",
                         help="map: the posterior mode only; laplace: the Gaussian guide at the "
-                             "Laplace approximation, no SVI steps; svi: the guide refined by SVI "
-                             "(default: svi)")
+                             "Laplace approximation, no SVI steps; svi: the guide refined by SVI; "
+                             "nuts: No-U-Turn sampling (default: svi)")
     parser.add_argument("--guide", choices=GUIDES, default=None,
                         help=f"SVI guide (default: {defaults.guide}; map implies delta)")
     parser.add_argument("--steps", type=int, default=defaults.steps, metavar="N",
@@ -188,6 +191,25 @@ def _add_fit(subparsers) -> argparse.ArgumentParser:
                         help="centered parameterisation of the specimen level")
     parser.add_argument("--resume", action="store_true",
                         help="continue from DIR/checkpoint.pt when it exists")
+    group = parser.add_argument_group("NUTS (--method nuts)")
+    group.add_argument("--chains", type=int, default=sampler.chains, metavar="K",
+                       help=f"chains, run in parallel processes (default: {sampler.chains})")
+    group.add_argument("--warmup", type=int, default=sampler.warmup, metavar="W",
+                       help=f"warm-up draws per chain (default: {sampler.warmup})")
+    group.add_argument("--samples", type=int, default=sampler.samples, metavar="S",
+                       help=f"draws kept per chain (default: {sampler.samples})")
+    group.add_argument("--max-tree-depth", type=int, default=sampler.max_tree_depth,
+                       metavar="D", help=f"most trajectory doublings (default: "
+                                         f"{sampler.max_tree_depth})")
+    group.add_argument("--target-accept", type=float, default=sampler.target_accept,
+                       metavar="X", help=f"target acceptance probability of step-size "
+                                         f"adaptation (default: {sampler.target_accept})")
+    group.add_argument("--init", choices=INITS, default=sampler.init,
+                       help="start from the Laplace approximation (map) or the full-rank SVI "
+                            f"guide (svi), position and mass matrix (default: {sampler.init})")
+    group.add_argument("--dense-mass", action="store_true",
+                       help="adapt a dense mass matrix on top of the starting approximation's "
+                            "(default: diagonal)")
     parser.add_argument("--no-figures", action="store_true", help="skip the figures")
     parser.add_argument("--out", metavar="DIR", required=True, help="output directory")
     return parser
@@ -199,12 +221,21 @@ def _run_fit(args: argparse.Namespace) -> int:
     from bayescal.card import load_card
     from bayescal.data import read_experiments
     from bayescal.fit import fit_to_directory
+    from bayescal.inference.nuts import NUTSConfig
     from bayescal.inference.svi import SVIConfig
 
     _device(args)
-    for option in ("steps", "particles", "draws"):
+    for option in ("steps", "particles", "draws", "chains", "samples", "max_tree_depth"):
         if getattr(args, option) < 1:
-            raise BadInput(f"--{option} must be at least 1, got {getattr(args, option)}")
+            flag = option.replace("_", "-")
+            raise BadInput(f"--{flag} must be at least 1, got {getattr(args, option)}")
+    if args.warmup < 0:
+        raise BadInput(f"--warmup must be 0 or more, got {args.warmup}")
+    if not 0 < args.target_accept < 1:
+        raise BadInput(f"--target-accept must lie between 0 and 1, got {args.target_accept}")
+    if args.method == "nuts" and args.guide not in (None, "mvn"):
+        raise BadInput(f"--method nuts takes no --guide {args.guide} (it starts from the "
+                       "full-rank Laplace or SVI approximation)")
     if not args.lr > 0:
         raise BadInput(f"--lr must be positive, got {args.lr}")
     if args.method == "map" and args.guide not in (None, "delta"):
@@ -218,13 +249,22 @@ def _run_fit(args: argparse.Namespace) -> int:
     experiments = read_experiments(args.data)
     guide = "delta" if args.method == "map" else (args.guide or SVIConfig().guide)
     config = SVIConfig(guide=guide, steps=args.steps, lr=args.lr, particles=args.particles)
+    sampler = NUTSConfig(chains=args.chains, warmup=args.warmup, samples=args.samples,
+                         max_tree_depth=args.max_tree_depth, target_accept=args.target_accept,
+                         init=args.init, dense=args.dense_mass)
     idata = fit_to_directory(spec, experiments, out, figures=not args.no_figures, method=args.method,
                              config=config, draws=args.draws, seed=args.seed,
-                             centered=args.centered, resume=args.resume, command=args.command_line)
+                             centered=args.centered, resume=args.resume, command=args.command_line,
+                             nuts=sampler)
     attrs = idata.posterior.attrs
-    print(f"wrote {out / 'posterior.nc'} ({args.method}, guide {guide}, {attrs['steps']} "
-          f"evaluations, {attrs['fit_time_s']:.0f} s fit, {attrs['solver_retries']} solver "
-          f"retries, {attrs['skipped_steps']} skipped steps)")
+    if args.method == "nuts":
+        print(f"wrote {out / 'posterior.nc'} (nuts, {args.chains} chains x {args.samples} draws "
+              f"after {args.warmup} warm-up, {attrs['fit_time_s']:.0f} s, {attrs['divergences']} "
+              f"divergent transitions, {attrs['solver_failures']} solver failures rejected)")
+    else:
+        print(f"wrote {out / 'posterior.nc'} ({args.method}, guide {guide}, {attrs['steps']} "
+              f"evaluations, {attrs['fit_time_s']:.0f} s fit, {attrs['solver_retries']} solver "
+              f"retries, {attrs['skipped_steps']} skipped steps)")
     return 0
 
 

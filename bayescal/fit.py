@@ -20,10 +20,12 @@ from bayescal.card import ModelSpec
 from bayescal.data import Experiments
 from bayescal.export import build_inference_data, write_netcdf
 from bayescal.hierarchy import Hierarchy
-from bayescal.inference.draws import posterior_draws, predictive_and_loglik, sample_guide
-from bayescal.inference.svi import SVIConfig, run_svi
+from bayescal.inference.draws import (posterior_draws, predictive_and_loglik, sample_guide,
+                                      unpack_draws)
+from bayescal.inference.nuts import NUTSConfig, run_nuts
+from bayescal.inference.svi import Packing, SVIConfig, initial_values, run_svi
 
-METHODS = ("map", "laplace", "svi")
+METHODS = ("map", "laplace", "svi", "nuts")
 
 
 def package_versions() -> str:
@@ -46,8 +48,14 @@ def numeric_labels(experiments: Experiments) -> dict[str, np.ndarray]:
 def fit(spec: ModelSpec, experiments: Experiments, method: str = "svi",
         config: SVIConfig = SVIConfig(), draws: int = 1000, seed: int = 0,
         centered: bool = False, checkpoint: Path | None = None, resume: bool = False,
-        progress: bool = True, command: str = "") -> az.InferenceData:
-    """Calibrate ``spec`` against ``experiments`` and return the posterior as InferenceData."""
+        progress: bool = True, command: str = "",
+        nuts: NUTSConfig = NUTSConfig()) -> az.InferenceData:
+    """Calibrate ``spec`` against ``experiments`` and return the posterior as InferenceData.
+
+    ``config`` sets the MAP/Laplace/SVI stages (for ``nuts``: the approximation it starts
+    from), ``nuts`` the sampler; ``draws`` is the number of guide draws (``nuts``: its
+    ``samples`` per chain).
+    """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     if method == "map":
@@ -58,50 +66,81 @@ def fit(spec: ModelSpec, experiments: Experiments, method: str = "svi",
         config = SVIConfig(**{**asdict(config), "steps": 0})
     start = time.perf_counter()
     h = Hierarchy(spec, experiments, centered=centered)
-    result = run_svi(h, config, seed=seed, checkpoint_path=checkpoint, resume=resume,
-                     progress=progress)
-    latents = sample_guide(h, result.guide, draws, seed)
+    if method == "nuts":
+        sampled = run_nuts(h, nuts, config, seed=seed, progress=progress)
+        chains = nuts.chains
+        latents = unpack_draws(h, Packing(h, initial_values(h)), sampled.u.flatten(0, 1))
+        run_attrs = {
+            "guide": "",
+            "init": nuts.init,
+            "chains": nuts.chains,
+            "warmup": nuts.warmup,
+            "steps": nuts.samples,
+            "max_tree_depth": nuts.max_tree_depth,
+            "target_accept": nuts.target_accept,
+            "dense_mass": nuts.dense,
+            "divergences": int(sampled.stats["diverging"].sum()),
+            "solver_failures": int(sampled.stats["solver_failures"].sum()),
+            "warmup_solver_failures": sampled.warmup_solver_failures,
+            "solver_retries": sampled.solver_retries,
+            "init_steps": sampled.init_steps,
+            "init_time_s": sampled.init_time,
+            "fit_time_s": sampled.init_time + sampled.sampling_time,
+        }
+        sample_stats = dict(sampled.stats)
+    else:
+        result = run_svi(h, config, seed=seed, checkpoint_path=checkpoint, resume=resume,
+                         progress=progress)
+        chains = 1
+        latents = sample_guide(h, result.guide, draws, seed)
+        run_attrs = {
+            "guide": config.guide,
+            "steps": result.state.total,
+            "skipped_steps": result.state.skipped,
+            "solver_retries": result.state.retries,
+            "fit_time_s": result.wall_time,
+            "log_joint_map": [-x for x in result.state.losses["map"]],
+            "elbo": [-x for x in result.state.losses["guide"]],
+            "resumed_from": result.resumed_from,
+        }
+        sample_stats = None
     post = posterior_draws(h, latents, unique=method == "map")
     predictive, loglik = predictive_and_loglik(h, post, seed)
     variables = {**post.parameters, **post.population, "noise_sd": post.noise_sd}
     order = [n for name in spec.calibrated for n in (name, f"{name}_pop_mean", f"{name}_pop_sd")
              if n in variables] + ["noise_sd"]
+    by_chain = lambda x: x.reshape(chains, -1, *x.shape[1:])  # noqa: E731
     constant = {"time": experiments.time.T, "strain": experiments.strain.T}
     if experiments.temperature is not None:
         constant["temperature"] = experiments.temperature.T
     masked = lambda x: torch.where(experiments.mask.T, x, torch.nan).numpy()  # noqa: E731
     attrs = {
         "method": method,
-        "guide": config.guide,
         "model": spec.model,
         "card": str(spec.path),
         "card_toml": spec.text,
         "data": experiments.source,
-        "steps": result.state.total,
-        "skipped_steps": result.state.skipped,
         "n_chunk": h.options.n_chunk,
         "substeps": h.options.substeps,
         "seed": seed,
-        "draws": draws,
+        "draws": len(post.noise_sd),
         "centered": centered,
+        **run_attrs,
         "wall_time_s": time.perf_counter() - start,
-        "fit_time_s": result.wall_time,
-        "solver_retries": result.state.retries,
         "failed_draws": post.failed_draws,
-        "log_joint_map": [-x for x in result.state.losses["map"]],
-        "elbo": [-x for x in result.state.losses["guide"]],
-        "resumed_from": result.resumed_from,
         "versions": package_versions(),
         "command": command,
     }
     return build_inference_data(
         specimens=experiments.specimens,
-        posterior={k: variables[k] for k in order},
-        posterior_predictive=predictive,
-        log_likelihood=loglik,
+        posterior={k: by_chain(variables[k]) for k in order},
+        posterior_predictive=by_chain(predictive),
+        log_likelihood=by_chain(loglik),
         observed=masked(experiments.stress.T),
         constant={**{k: masked(v) for k, v in constant.items()}, **numeric_labels(experiments)},
         attrs=attrs,
+        sample_stats=sample_stats,
+        chains=True,
     )
 
 

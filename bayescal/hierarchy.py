@@ -39,9 +39,17 @@ from bayescal.simulate import Grid, SolverOptions, SolveReport, integrate, refin
 
 
 class SolverFailure(RuntimeError):
-    """The material model could not be integrated for some specimens of a batch."""
+    """The material model could not be integrated for some specimens of a batch.
 
-    def __init__(self, report: SolveReport) -> None:
+    Pyro's trace handler re-raises an exception as ``type(exc)(message + its shapes)``, so a
+    message alone is accepted too (then ``report`` is None).
+    """
+
+    def __init__(self, report: SolveReport | str) -> None:
+        if isinstance(report, str):
+            super().__init__(report)
+            self.report = None
+            return
         super().__init__(f"the solver failed for {report.n_failed} of "
                          f"{report.failed.numel()} simulated specimens")
         self.report = report

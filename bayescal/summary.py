@@ -1,4 +1,6 @@
-"""Posterior summaries: means, sd and 90% intervals from ArviZ, with the run's context."""
+"""Posterior summaries: means, sd and 90% intervals from ArviZ, with the run's context, and
+for samplers the convergence diagnostics (R-hat, bulk and tail ESS, MCSE, divergences) with
+plain-word warnings."""
 
 from __future__ import annotations
 
@@ -11,6 +13,10 @@ import pandas as pd
 from bayescal.errors import BadInput
 
 HDI_PROB = 0.9
+#: R-hat above this says the chains have not mixed (Vehtari et al. 2021).
+RHAT_LIMIT = 1.01
+#: Bulk or tail ESS below this many per chain is too few for stable intervals.
+ESS_PER_CHAIN = 100
 
 
 def load_posterior(path: str | Path) -> az.InferenceData:
@@ -40,14 +46,52 @@ def summary_table(idata: az.InferenceData, population_only: bool = False) -> pd.
                           kind="all" if several_chains else "stats", round_to=4)
 
 
+def diagnostics(idata: az.InferenceData, table: pd.DataFrame) -> list[str]:
+    """Plain-word warnings about a sampler's run: R-hat, ESS, divergences, solver failures."""
+    lines = []
+    if "r_hat" in table:
+        chains = idata.posterior.sizes["chain"]
+
+        def worst(column, bad, ascending):
+            rows = table[bad].sort_values(column, ascending=ascending)
+            listed = ", ".join(f"{name} ({value:.3g})" for name, value in rows[column][:4].items())
+            return listed + (f" and {len(rows) - 4} more" if len(rows) > 4 else "")
+
+        high = table["r_hat"] > RHAT_LIMIT
+        if high.any():
+            lines.append(f"warning: R-hat above {RHAT_LIMIT} for {worst('r_hat', high, False)}: "
+                         "the chains disagree; run longer (more --warmup and --samples).")
+        for column, kind in (("ess_bulk", "bulk"), ("ess_tail", "tail")):
+            low = table[column] < ESS_PER_CHAIN * chains
+            if low.any():
+                lines.append(f"warning: {kind} ESS below {ESS_PER_CHAIN * chains} "
+                             f"({ESS_PER_CHAIN} per chain) for {worst(column, low, True)}: "
+                             "too few effective draws for stable "
+                             + ("means" if kind == "bulk" else "intervals") + "; run longer.")
+    if "sample_stats" in idata.groups() and "diverging" in idata.sample_stats:
+        diverging = idata.sample_stats["diverging"].values
+        count, total = int(diverging.sum()), diverging.size
+        failures = int(idata.sample_stats["solver_failures"].values.sum()) \
+            if "solver_failures" in idata.sample_stats else 0
+        lines.append(f"{count} of {total} transitions diverged ({100 * count / total:.1f} %), "
+                     f"{failures} solver failures rejected")
+        if count:
+            lines.append("warning: divergent transitions: the sampler could not follow the "
+                         "posterior's curvature there, so the draws may be biased; raise "
+                         "--target-accept or try the other parameterisation (--centered).")
+    return lines
+
+
 def format_summary(idata: az.InferenceData, population_only: bool = False) -> str:
-    """The summary table with a header naming the run."""
+    """The summary table with a header naming the run, and diagnostics for samplers."""
     attrs = idata.posterior.attrs
     head = (f"method {attrs.get('method', '?')}"
-            + (f" (guide {attrs['guide']})" if attrs.get("method") != "nuts" else "")
+            + (f" (guide {attrs['guide']})" if attrs.get("guide") else "")
             + f", model {attrs.get('model', '?')}, {idata.posterior.sizes['chain']} chain(s) x "
-            f"{idata.posterior.sizes['draw']} draws, {attrs.get('steps', '?')} steps, "
-            f"seed {attrs.get('seed', '?')}")
+            f"{idata.posterior.sizes['draw']} draws, "
+            + (f"after {attrs['warmup']} warm-up" if "warmup" in attrs
+               else f"{attrs.get('steps', '?')} steps")
+            + f", seed {attrs.get('seed', '?')}")
     table = summary_table(idata, population_only)
     with pd.option_context("display.max_rows", None, "display.width", 120):
-        return f"{head}\n{table.to_string()}"
+        return "\n".join([head, table.to_string(), *diagnostics(idata, table)])

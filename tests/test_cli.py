@@ -390,10 +390,43 @@ def test_fit_bad_options_and_inputs(capsys, tmp_path, tiny_data):
     blocker.write_text("")
     one_line_error(capsys, ["fit", PERZYNA, "--data", tiny_data, "--out", blocker],
                    f"--out {blocker}: exists and is not a directory")
-    status, _, err = run(capsys, "fit", PERZYNA, "--data", tiny_data, "--method", "nuts",
+    for options, message in (
+            (["--chains", 0], "--chains must be at least 1, got 0"),
+            (["--max-tree-depth", 0], "--max-tree-depth must be at least 1, got 0"),
+            (["--warmup", -1], "--warmup must be 0 or more, got -1"),
+            (["--target-accept", 1.5], "--target-accept must lie between 0 and 1, got 1.5"),
+            (["--guide", "normal"], "--method nuts takes no --guide normal (it starts from the "
+                                    "full-rank Laplace or SVI approximation)")):
+        one_line_error(capsys, ["fit", PERZYNA, "--data", tiny_data, "--method", "nuts",
+                                *options, "--out", out], message)
+    status, _, err = run(capsys, "fit", PERZYNA, "--data", tiny_data, "--method", "hmc",
                          "--out", out)
-    assert status == 2 and "invalid choice: 'nuts'" in err
+    assert status == 2 and "invalid choice: 'hmc'" in err
     assert not out.exists()
+
+
+def test_nuts_from_the_command_line_with_diagnostics(capsys, tmp_path, tiny_data):
+    """Two chains in two processes, a few draws: the run, its stats and the summary's
+    diagnostics (too few draws: the ESS warning must show)."""
+    out = tmp_path / "nuts"
+    capsys.readouterr()
+    status, stdout, err = run(capsys, "fit", PERZYNA, "--data", tiny_data, "--method", "nuts",
+                              "--centered", "--chains", 2, "--warmup", 10, "--samples", 10,
+                              "--seed", 1, "--no-figures", "--out", out)
+    assert status == 0, err
+    assert f"wrote {out / 'posterior.nc'} (nuts, 2 chains x 10 draws after 10 warm-up" in stdout
+    idata = az.from_netcdf(out / "posterior.nc")
+    assert idata.posterior.sizes["chain"] == 2 and idata.posterior.sizes["draw"] == 10
+    assert idata.sample_stats["diverging"].shape == (2, 10)
+    assert idata.posterior.attrs["centered"] == 1
+    status, stdout, _ = run(capsys, "summary", out / "posterior.nc", "--population")
+    assert status == 0
+    lines = stdout.splitlines()
+    assert lines[0].startswith("method nuts, model perzyna-voce, 2 chain(s) x 10 draws")
+    assert lines[1].split()[-3:] == ["ess_bulk", "ess_tail", "r_hat"]
+    assert any(line.startswith("warning: bulk ESS below 200 (100 per chain)") for line in lines)
+    assert re.search(r"^\d+ of 20 transitions diverged \(\d+\.\d %\), \d+ solver failures "
+                     r"rejected$", stdout, re.M)
 
 
 def test_summary_of_a_file_that_is_not_a_posterior(capsys, tmp_path):

@@ -50,6 +50,14 @@ def sample_guide(h: Hierarchy, guide, n: int, seed: int) -> dict[str, torch.Tens
             for k, v in samples.items()}
 
 
+def unpack_draws(h: Hierarchy, packing, u: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Latent draws from rows of the packed unconstrained vector ``u`` (draw, dim) of a
+    :class:`~bayescal.inference.svi.Packing` (e.g. MCMC draws), shaped as
+    :func:`sample_guide`'s."""
+    values, _ = packing.constrain(u)
+    return {k: v.squeeze(-1) if k in _globals(h) else v for k, v in values.items()}
+
+
 def _globals(h: Hierarchy) -> set[str]:
     return {f"{n}_z" for n in h.spec.shared} | {
         f"{n}_{s}" for n in h.spec.varying for s in ("pop_z", "cv")} | {"noise_sd"}

@@ -1,0 +1,162 @@
+"""NUTS: recovery with two parallel chains, agreement with full-rank SVI, solver failures as
+rejections, the export contract, and the summary's diagnostics."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import arviz as az
+import numpy as np
+import pytest
+import torch
+
+from bayescal.card import load_card
+from bayescal.export import build_inference_data
+from bayescal.fit import fit
+from bayescal.hierarchy import Hierarchy, SolverFailure
+from bayescal.inference import nuts
+from bayescal.inference.nuts import NUTSConfig
+from bayescal.inference.svi import SVIConfig
+from bayescal.summary import format_summary
+from test_fit import CARD, TRUE_MEANS, synthetic
+
+POPULATION = [f"{name}_pop_mean" for name in TRUE_MEANS]
+
+
+def long_chunks(spec):
+    """One chunk for the whole path: with 5 specimens the prefix-scan solve makes long chunks
+    cheap (see ``SmallBlockScan``)."""
+    return dataclasses.replace(spec, solver=dataclasses.replace(spec.solver, n_chunk=400))
+
+
+@pytest.fixture(scope="module")
+def five_specimens():
+    """5 specimens, 80 recorded points each, on the informative path."""
+    return synthetic(5, seed=2, points_per_segment=16)
+
+
+@pytest.fixture(scope="module")
+def nuts_fit(five_specimens):
+    experiments, _ = five_specimens
+    return fit(long_chunks(load_card(CARD)), experiments, method="nuts", seed=4, centered=True,
+               nuts=NUTSConfig(chains=2, warmup=100, samples=100, processes=2),
+               progress=False, command="bayescal fit test --method nuts")
+
+
+@pytest.mark.slow
+def test_two_chains_mix_and_recover_the_population(nuts_fit, five_specimens):
+    experiments, truth = five_specimens
+    table = az.summary(nuts_fit, var_names=POPULATION + ["noise_sd"])
+    print(table)
+    assert (table["r_hat"] <= 1.05).all()
+    assert nuts_fit.sample_stats["diverging"].values.mean() <= 0.02
+    for name, mean in TRUE_MEANS.items():
+        sample_mean = float(truth[name].mean())
+        estimate = float(nuts_fit.posterior[f"{name}_pop_mean"].mean())
+        assert abs(estimate / mean - 1) < 0.10, (name, estimate, mean, sample_mean)
+    assert abs(float(nuts_fit.posterior["noise_sd"].mean()) / 2.0 - 1) < 0.10
+
+
+@pytest.mark.slow
+def test_nuts_and_full_rank_svi_agree_on_population_means(nuts_fit, five_specimens):
+    experiments, _ = five_specimens
+    svi = fit(long_chunks(load_card(CARD)), experiments, method="svi", seed=4, draws=2000,
+              config=SVIConfig(guide="mvn", steps=400), progress=False)
+    for name in POPULATION:
+        sampled = nuts_fit.posterior[name].values.ravel()
+        guided = svi.posterior[name].values.ravel()
+        gap = abs(sampled.mean() - guided.mean()) / sampled.std()
+        print(name, sampled.mean(), guided.mean(), sampled.std(), gap)
+        assert gap < 0.5, name
+
+
+def test_export_contract_for_nuts(nuts_fit, five_specimens):
+    experiments, _ = five_specimens
+    post, stats = nuts_fit.posterior, nuts_fit.sample_stats
+    assert post.sizes["chain"] == 2 and post.sizes["draw"] == 100
+    assert post["sy"].dims == ("chain", "draw", "specimen")
+    assert set(stats.data_vars) == set(nuts.STAT_NAMES)
+    assert stats["diverging"].dtype == bool and stats["diverging"].dims == ("chain", "draw")
+    assert (stats["n_steps"].values >= 1).all()
+    assert (stats["tree_depth"].values <= 8).all()
+    assert ((stats["acceptance_rate"].values >= 0) & (stats["acceptance_rate"].values <= 1)).all()
+    assert idata_has_log_likelihood_per_specimen(nuts_fit, experiments.n_specimens)
+    assert nuts_fit.posterior_predictive["stress"].shape == (2, 100, 5, experiments.n_steps)
+    attrs = post.attrs
+    assert attrs["method"] == "nuts" and attrs["chains"] == 2 and attrs["steps"] == 100
+    assert attrs["divergences"] == int(stats["diverging"].values.sum())
+    assert attrs["command"] == "bayescal fit test --method nuts"
+    # log_lik of each draw equals the Gaussian log density of the data at the draw's stress
+    az.loo(nuts_fit)  # needs the explicit per-specimen log likelihood
+
+
+def idata_has_log_likelihood_per_specimen(idata, n_specimens) -> bool:
+    ll = idata.log_likelihood["stress"]
+    return ll.dims == ("chain", "draw", "specimen") and ll.sizes["specimen"] == n_specimens
+
+
+def test_a_failed_solve_is_a_rejection_not_a_crash(five_specimens, monkeypatch):
+    """Every fourth log-density evaluation fails: the chain goes on, counts the failures and
+    never accepts a failed point."""
+    experiments, _ = five_specimens
+    few = dataclasses.replace(experiments, specimens=experiments.specimens[:2],
+                              **{k: getattr(experiments, k)[::4, :2]
+                                 for k in ("time", "strain", "stress", "mask")})
+    spec = long_chunks(load_card(CARD))
+    h = Hierarchy(spec, few, centered=True)
+    simulate = Hierarchy.simulate
+    calls = {"n": 0}
+
+    def flaky(self, values, adjoint=True, strict=None):
+        stress = simulate(self, values, adjoint, strict)
+        if adjoint and torch.is_grad_enabled():
+            calls["n"] += 1
+            if calls["n"] % 4 == 0:
+                raise SolverFailure(self.last_report)
+        return stress
+
+    centre, covariance, _ = nuts.approximation(h, NUTSConfig(), SVIConfig(map_iterations=10),
+                                               seed=0, progress=False)
+    monkeypatch.setattr(Hierarchy, "simulate", flaky)
+    job = nuts._Chain(spec, few, h.options, True, centre, torch.linalg.cholesky(covariance),
+                      NUTSConfig(chains=1, warmup=10, samples=15), seed=0, index=0, threads=1)
+    result = nuts.run_chain(job)
+    failures = np.asarray(result["stats"]["solver_failures"])
+    assert failures.sum() + result["warmup_failures"] > 0
+    assert np.isfinite(np.asarray(result["stats"]["lp"])).all()
+    assert torch.isfinite(result["u"]).all()
+    # a draw whose trajectory hit a failure is marked divergent
+    assert all(np.asarray(result["stats"]["diverging"])[failures > 0])
+
+
+def _fake_run(rhat_shift: float, diverging: int, n: int = 50) -> az.InferenceData:
+    """Two chains of ``n`` independent draws of one population mean and the noise; the second
+    chain shifted by ``rhat_shift`` sd; ``diverging`` divergent transitions."""
+    rng = np.random.default_rng(0)
+    draws = rng.normal(size=(2, n))
+    draws[1] += rhat_shift
+    stats = {name: np.zeros((2, n)) for name in nuts.STAT_NAMES}
+    stats["diverging"] = np.zeros((2, n), dtype=bool)
+    stats["diverging"].flat[:diverging] = True
+    return build_inference_data(
+        specimens=("A",),
+        posterior={"sy_pop_mean": draws, "noise_sd": rng.normal(size=(2, n)) + 5},
+        posterior_predictive=np.zeros((2, n, 1, 3)), log_likelihood=np.zeros((2, n, 1)),
+        observed=np.zeros((1, 3)), constant={}, attrs={"method": "nuts", "guide": ""},
+        sample_stats=stats, chains=True)
+
+
+def test_summary_warns_in_plain_words():
+    text = format_summary(_fake_run(rhat_shift=3.0, diverging=3))
+    assert "warning: R-hat above 1.01 for sy_pop_mean" in text
+    assert "the chains disagree; run longer (more --warmup and --samples)." in text
+    assert "warning: bulk ESS below 200 (100 per chain) for" in text
+    assert "3 of 100 transitions diverged (3.0 %), 0 solver failures rejected" in text
+    assert "warning: divergent transitions:" in text
+    assert "ess_bulk" in text and "r_hat" in text and "mcse_mean" in text
+
+
+def test_summary_of_a_clean_run_has_no_warnings():
+    text = format_summary(_fake_run(rhat_shift=0.0, diverging=0, n=1000))
+    assert "warning" not in text
+    assert "0 of 2000 transitions diverged (0.0 %), 0 solver failures rejected" in text
