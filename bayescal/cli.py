@@ -323,6 +323,44 @@ def _run_import(args: argparse.Namespace) -> int:
     return 0
 
 
+# -------------------------------------------------------------------------------------- plot
+
+
+def _add_plot(subparsers) -> argparse.ArgumentParser:
+    parser = _command(
+        subparsers, "plot", "a figure of test data before fitting",
+        "Stress against strain (or time) of every specimen of a data file, coloured by a "
+        "numeric label (log colour scale when it spans more than a decade), or one panel per "
+        "value of a label with --by. Written atomically in the format of --out's suffix.")
+    parser.add_argument("data", metavar="DATA.csv", help="test data (long CSV)")
+    parser.add_argument("--out", metavar="FIG.png", required=True,
+                        help="figure to write (.png, .pdf, .svg, ...)")
+    parser.add_argument("--by", metavar="LABEL",
+                        help="one panel per value of this label (2 to 12 values)")
+    parser.add_argument("--x", choices=("strain", "time"), default="strain",
+                        help="horizontal axis: strain, or time since each specimen's first "
+                             "point (default: strain)")
+    parser.add_argument("--colour", metavar="LABEL",
+                        help="numeric label that colours the curves (default: the first "
+                             "numeric label that varies, other than --by)")
+    return parser
+
+
+def _run_plot(args: argparse.Namespace) -> int:
+    import matplotlib.pyplot as plt
+
+    from bayescal.data import read_experiments
+    from bayescal.plots import plot_data
+
+    experiments = read_experiments(args.data)
+    fig = plot_data(experiments, args.out, by=args.by, x=args.x, colour=args.colour)
+    plt.close(fig)
+    panels = f", {len(set(experiments.labels[args.by]))} panels by {args.by}" if args.by else ""
+    print(f"wrote {args.out} ({experiments.n_specimens} specimens, "
+          f"{sum(experiments.n_points)} points{panels})")
+    return 0
+
+
 # ----------------------------------------------------------------------------------- predict
 
 
@@ -394,6 +432,7 @@ COMMANDS: dict[str, tuple[Callable, Callable[[argparse.Namespace], int]]] = {
     "summary": (_add_summary, _run_summary),
     "predict": (_add_predict, _run_predict),
     "import": (_add_import, _run_import),
+    "plot": (_add_plot, _run_plot),
 }
 
 

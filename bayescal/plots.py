@@ -1,4 +1,4 @@
-"""Figures: fit and prediction bands per specimen, ELBO trace, prior vs posterior.
+"""Figures: the raw data, fit and prediction bands per specimen, ELBO trace, prior vs posterior.
 
 Plots read only the InferenceData (and the card for priors); they know no solver internals.
 """
@@ -6,6 +6,8 @@ Plots read only the InferenceData (and the card for priors); they know no solver
 from __future__ import annotations
 
 import math
+import os
+import tempfile
 from pathlib import Path
 
 import matplotlib
@@ -16,6 +18,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from bayescal.card import ModelSpec  # noqa: E402
+from bayescal.errors import BadInput  # noqa: E402
 from bayescal.hierarchy import Bounded  # noqa: E402
 
 BAND = (0.05, 0.95)
@@ -191,3 +194,205 @@ def write_fit_figures(idata, spec: ModelSpec, out: Path) -> list[Path]:
             paths.append(out / f"fit_bands_by_{label}.png")
             plot_bands_by_label(idata, label, paths[-1])
     return paths
+
+
+# ------------------------------------------------------------------------- raw data figure
+
+#: At most this many specimens get a legend of their ids.
+MAX_LEGEND = 10
+AXES = {"strain": "strain", "time": "time since the specimen's first point (s)"}
+
+
+def _numeric(values: tuple) -> bool:
+    return all(isinstance(v, float) for v in values)
+
+
+def _varying_numeric_labels(experiments) -> list[str]:
+    return [name for name, values in experiments.labels.items()
+            if _numeric(values) and len(set(values)) > 1]
+
+
+def _check_label(experiments, label: str, option: str) -> tuple:
+    """The values of ``label``, or a BadInput naming the option and the labels there are."""
+    if label not in experiments.labels:
+        names = ", ".join(experiments.labels) or "none"
+        raise BadInput(f"{option} {label}: {experiments.source} has no label {label!r} "
+                       f"(labels: {names})")
+    return experiments.labels[label]
+
+
+def _colour_scale(values: np.ndarray):
+    """The colour map and norm of a numeric label, and whether the scale is logarithmic.
+
+    At most :data:`MAX_GROUPS` distinct values get one colour each, in order of value (the
+    colour bar has one equal block per value: rates such as 1800 and 3600 /s stay apart
+    beside 1e-4 /s); more values get a continuous scale. Either is logarithmic (block
+    boundaries at geometric midpoints) when all values are positive and span more than a
+    decade, else linear."""
+    lo, hi = float(values.min()), float(values.max())
+    log = lo > 0 and hi / lo > 10
+    distinct = np.unique(values)
+    if len(distinct) <= MAX_GROUPS:
+        colours = matplotlib.colormaps["viridis"](np.linspace(0.0, 0.9, len(distinct)))
+        cmap = matplotlib.colors.ListedColormap(colours)
+        if len(distinct) == 1:
+            edges = [lo - 0.5, lo + 0.5]
+        else:
+            middle = np.sqrt(distinct[1:] * distinct[:-1]) if log else \
+                0.5 * (distinct[1:] + distinct[:-1])
+            first = distinct[0] ** 2 / middle[0] if log else 2 * distinct[0] - middle[0]
+            last = distinct[-1] ** 2 / middle[-1] if log else 2 * distinct[-1] - middle[-1]
+            edges = [first, *middle, last]
+        return cmap, matplotlib.colors.BoundaryNorm(edges, len(distinct)), log
+    cmap = matplotlib.colormaps["viridis"]
+    if log:
+        return cmap, matplotlib.colors.LogNorm(vmin=lo, vmax=hi), True
+    return cmap, matplotlib.colors.Normalize(vmin=lo, vmax=hi), False
+
+
+def _format_value(value) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def plot_data(experiments, path: str | Path | None = None, by: str | None = None,
+              x: str = "strain", colour: str | None = None):
+    """A figure of measured stress histories before any fit: stress against strain (or time
+    since each specimen's first point) for every specimen.
+
+    Specimens are coloured by the numeric label ``colour`` (default: the first numeric label
+    that varies between specimens, other than ``by``), on a logarithmic colour scale with a
+    colour bar when its values span more than a decade; without such a label each specimen
+    has its own colour. With ``by``, one panel per value of that label (2 to 12 values,
+    numeric or text). The specimen ids are shown in a legend when there are at most
+    :data:`MAX_LEGEND` specimens. Returns the figure (close it with ``plt.close``); written
+    atomically to ``path`` if given, in the format of its suffix.
+    """
+    if x not in AXES:
+        raise BadInput(f"--x {x}: must be one of {', '.join(AXES)}")
+    if experiments.stress is None:
+        raise BadInput(f"{experiments.source}: has no stress column (a load path, not data)")
+    if path is not None:
+        path = Path(path)
+        _figure_format(path)
+    groups: list = [None]
+    if by is not None:
+        values = _check_label(experiments, by, "--by")
+        distinct = sorted(set(values))
+        if not 2 <= len(distinct) <= MAX_GROUPS:
+            raise BadInput(f"--by {by}: {experiments.source} has {len(distinct)} distinct "
+                           f"value(s) of {by!r}; one panel per value needs 2 to {MAX_GROUPS}")
+        groups = distinct
+    if colour is not None:
+        values = _check_label(experiments, colour, "--colour")
+        if not _numeric(values):
+            shown = ", ".join(sorted(set(map(str, values)))[:5])
+            raise BadInput(f"--colour {colour}: label {colour!r} of {experiments.source} is "
+                           f"not numeric (values: {shown}); colours need a numeric label")
+    else:
+        colour = next((name for name in _varying_numeric_labels(experiments) if name != by),
+                      None)
+
+    mask = experiments.mask.T.numpy()
+    stress = experiments.stress.T.numpy()
+    xs = experiments.strain.T.numpy() if x == "strain" else \
+        (experiments.time - experiments.time[0]).T.numpy()
+    n = experiments.n_specimens
+    norm = log = None
+    if colour is not None:
+        cvalues = np.asarray(experiments.labels[colour], dtype=float)
+        cmap, norm, log = _colour_scale(cvalues)
+    # a time axis over tests of very different durations (1e-4 to 1e3 /s) is read on a log scale
+    durations = xs.max(axis=1) if x == "time" else None
+    log_x = durations is not None and durations.min() > 0 and durations.max() / durations.min() > 100
+
+    n_panels = len(groups)
+    cols = n_panels if n_panels <= 4 else (3 if n_panels in (5, 6, 9) else 4)
+    rows = math.ceil(n_panels / cols)
+    width = 8.0 if n_panels == 1 else 3.6 * cols
+    height = 5.0 if n_panels == 1 else 3.0 * rows
+    fig, axes = plt.subplots(rows, cols, figsize=(width + (1.2 if colour else 0), height),
+                             squeeze=False, sharey=True, sharex=x == "strain",
+                             layout="constrained")
+    axes = list(axes.flat)
+    for ax in axes[n_panels:]:
+        ax.remove()
+    axes = axes[:n_panels]
+    labels_by = experiments.labels[by] if by is not None else None
+    for ax, group in zip(axes, groups):
+        members = [j for j in range(n) if group is None or labels_by[j] == group]
+        for k, j in enumerate(members):
+            keep = mask[j] & (xs[j] > 0) if log_x else mask[j]
+            line_colour = cmap(norm(cvalues[j])) if colour is not None else f"C{k % 10}"
+            ax.plot(xs[j][keep], stress[j][keep], "-", color=line_colour, lw=0.9, alpha=0.85,
+                    marker=".", ms=2.0, label=experiments.specimens[j])
+        if by is not None:
+            ax.set_title(f"{by} = {_format_value(group)} ({len(members)} specimen"
+                         f"{'s' if len(members) != 1 else ''})", fontsize=9)
+        if log_x:
+            ax.set_xscale("log")
+        ax.set_xlabel(AXES[x] + (", log scale" if log_x else ""), fontsize=9)
+        ax.tick_params(labelbottom=True)  # also above an empty grid cell
+        ax.grid(alpha=0.3)
+        if n <= MAX_LEGEND:
+            ax.legend(fontsize=7, loc="best")
+    for i, ax in enumerate(axes):
+        if i % cols == 0:
+            ax.set_ylabel("stress (MPa)")
+    if colour is not None:
+        mappable = matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap)
+        distinct = sorted(set(cvalues.tolist()))
+        discrete = len(distinct) <= MAX_GROUPS
+        bar = fig.colorbar(mappable, ax=axes, shrink=0.9 if n_panels > 1 else 1.0,
+                           spacing="uniform" if discrete else "proportional")
+        if discrete:  # one block per value, the tick in its middle
+            edges = np.asarray(norm.boundaries)
+            bar.set_ticks(0.5 * (edges[1:] + edges[:-1]), labels=[f"{v:g}" for v in distinct])
+            bar.minorticks_off()
+            bar.set_label(colour)
+        else:
+            bar.set_label(colour + (" (log scale)" if log else ""))
+    against = "strain" if x == "strain" else "time"
+    title = f"{Path(experiments.source).name}: stress against {against}, {n} specimen" \
+            f"{'s' if n != 1 else ''}"
+    if by is not None:
+        title += f", by {by}"
+    fig.suptitle(title)
+    if path is not None:
+        save_figure(fig, path)
+    return fig
+
+
+def _figure_format(path: Path) -> str:
+    formats = matplotlib.backend_bases.FigureCanvasBase.get_supported_filetypes()
+    fmt = path.suffix.lstrip(".").lower()
+    if fmt not in formats:
+        raise BadInput(f"--out {path}: unknown figure format {path.suffix or '(no suffix)'!r} "
+                       f"(use .png, .pdf or .svg)")
+    return fmt
+
+
+def save_figure(fig, path: str | Path, dpi: int = 130) -> Path:
+    """Write ``fig`` atomically: a temporary file in the same folder renamed over ``path``, so
+    that an earlier figure is never half-overwritten. The folder is created if missing; a
+    folder that cannot be written is a :class:`~bayescal.errors.BadInput`."""
+    path = Path(path)
+    fmt = _figure_format(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.is_dir():
+            raise BadInput(f"--out {path}: is a directory (give a file name for the figure)")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise BadInput(f"--out {path}: cannot write to folder {str(path.parent)!r}: "
+                       f"{exc.strerror or exc}") from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            fig.savefig(f, format=fmt, dpi=dpi)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
