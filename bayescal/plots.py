@@ -271,9 +271,10 @@ def plot_data(experiments, path: str | Path | None = None, by: str | None = None
         raise BadInput(f"--x {x}: must be one of {', '.join(AXES)}")
     if experiments.stress is None:
         raise BadInput(f"{experiments.source}: has no stress column (a load path, not data)")
-    if path is not None:
+    if path is not None:  # fail before the work
         path = Path(path)
         _figure_format(path)
+        _prepare_output(path)
     groups: list = [None]
     if by is not None:
         values = _check_label(experiments, by, "--by")
@@ -303,7 +304,8 @@ def plot_data(experiments, path: str | Path | None = None, by: str | None = None
         cmap, norm, log = _colour_scale(cvalues)
     # a time axis over tests of very different durations (1e-4 to 1e3 /s) is read on a log scale
     durations = xs.max(axis=1) if x == "time" else None
-    log_x = durations is not None and durations.min() > 0 and durations.max() / durations.min() > 100
+    log_x = durations is not None and durations.min() > 0 and \
+        durations.max() / durations.min() > 100
 
     n_panels = len(groups)
     cols = n_panels if n_panels <= 4 else (3 if n_panels in (5, 6, 9) else 4)
@@ -363,11 +365,13 @@ def plot_data(experiments, path: str | Path | None = None, by: str | None = None
 
 
 def _figure_format(path: Path) -> str:
+    if path.is_dir():
+        raise BadInput(f"--out {path}: is a directory (give a file name for the figure)")
     formats = matplotlib.backend_bases.FigureCanvasBase.get_supported_filetypes()
     fmt = path.suffix.lstrip(".").lower()
     if fmt not in formats:
-        raise BadInput(f"--out {path}: unknown figure format {path.suffix or '(no suffix)'!r} "
-                       f"(use .png, .pdf or .svg)")
+        what = f"unknown figure format {path.suffix!r}" if path.suffix else "no file suffix"
+        raise BadInput(f"--out {path}: {what} (use .png, .pdf or .svg)")
     return fmt
 
 
@@ -377,13 +381,11 @@ def save_figure(fig, path: str | Path, dpi: int = 130) -> Path:
     folder that cannot be written is a :class:`~bayescal.errors.BadInput`."""
     path = Path(path)
     fmt = _figure_format(path)
+    folder = _prepare_output(path)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if path.is_dir():
-            raise BadInput(f"--out {path}: is a directory (give a file name for the figure)")
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as exc:
-        raise BadInput(f"--out {path}: cannot write to folder {str(path.parent)!r}: "
+        raise BadInput(f"--out {path}: cannot write to folder {str(folder)!r}: "
                        f"{exc.strerror or exc}") from None
     try:
         with os.fdopen(fd, "wb") as f:
@@ -396,3 +398,20 @@ def save_figure(fig, path: str | Path, dpi: int = 130) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _prepare_output(path: Path) -> Path:
+    """The folder of ``path``, created if missing; a BadInput when it cannot be."""
+    folder = path.parent
+    for above in (folder, *folder.parents):
+        if above.exists() and not above.is_dir():
+            raise BadInput(f"--out {path}: {str(above)!r} is a file, not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BadInput(f"--out {path}: cannot create folder {str(folder)!r}: "
+                       f"{exc.strerror or exc}") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise BadInput(f"--out {path}: cannot write to folder {str(folder)!r}: "
+                       "Permission denied")
+    return folder
