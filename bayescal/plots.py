@@ -259,7 +259,8 @@ def plot_data(experiments, path: str | Path | None = None, by: str | None = None
     """A figure of measured stress histories before any fit: stress against strain (or time
     since each specimen's first point) for every specimen.
 
-    Specimens are coloured by the numeric label ``colour`` (default: the first numeric label
+    Time is counted from each specimen's first point, on a log scale when the specimens'
+    durations differ by more than a decade. Specimens are coloured by the numeric label ``colour`` (default: the first numeric label
     that varies between specimens, other than ``by``), on a logarithmic colour scale with a
     colour bar when its values span more than a decade; without such a label each specimen
     has its own colour. With ``by``, one panel per value of that label (2 to 12 values,
@@ -302,10 +303,11 @@ def plot_data(experiments, path: str | Path | None = None, by: str | None = None
     if colour is not None:
         cvalues = np.asarray(experiments.labels[colour], dtype=float)
         cmap, norm, log = _colour_scale(cvalues)
-    # a time axis over tests of very different durations (1e-4 to 1e3 /s) is read on a log scale
+    # a time axis over tests whose durations differ by more than a decade is read on a log
+    # scale (the first point of each specimen, at 0, is then left out)
     durations = xs.max(axis=1) if x == "time" else None
     log_x = durations is not None and durations.min() > 0 and \
-        durations.max() / durations.min() > 100
+        durations.max() / durations.min() > 10
 
     n_panels = len(groups)
     cols = n_panels if n_panels <= 4 else (3 if n_panels in (5, 6, 9) else 4)
