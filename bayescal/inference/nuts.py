@@ -170,8 +170,11 @@ def run_chain(job: _Chain, report=None) -> dict:
             n = i + 1
             diverged = len(kernel._divergences) > marks["divergences"]
             marks["divergences"] = len(kernel._divergences)
-            mean = kernel._mean_accept_prob  # running mean over sampling draws
-            stats["acceptance_rate"].append(marks["accept"] + n * (mean - marks["accept"]))
+            # Pyro keeps only the running mean over sampling draws: this draw's value is
+            # recovered from two successive means (clipped for rounding)
+            mean = kernel._mean_accept_prob
+            accept = marks["accept"] + n * (mean - marks["accept"])
+            stats["acceptance_rate"].append(min(max(accept, 0.0), 1.0))
             marks["accept"] = mean
             stats["diverging"].append(diverged)
             stats["n_steps"].append(steps)
