@@ -185,7 +185,8 @@ def _add_fit(subparsers) -> argparse.ArgumentParser:
                         help=f"ELBO particles per step, solved in one batch "
                              f"(default: {defaults.particles})")
     parser.add_argument("--draws", type=int, default=1000, metavar="D",
-                        help="posterior draws stored (default: 1000)")
+                        help="posterior draws stored, for map, laplace and svi (nuts: --samples per "
+                             "chain; default: 1000)")
     parser.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (default: 0)")
     parser.add_argument("--centered", action="store_true",
                         help="centered parameterisation of the specimen level")
