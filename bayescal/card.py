@@ -252,6 +252,9 @@ def _parameter(path: Path, name: str, data: Any) -> ParameterSpec:
     varies = table.string("varies", "specimen")
     if varies not in VARIES:
         raise table.error(f"varies {varies!r} must be 'specimen' or 'shared'")
+    if varies == "specimen" and lo < 0:
+        raise table.error(f"varies = 'specimen' needs bounds from 0 up, got [{lo!r}, {hi!r}] "
+                          "(its spread is a coefficient of variation): make it 'shared'")
     return ParameterSpec(name, value, bounds, prior, varies, table.positive("spread", 0.1))
 
 

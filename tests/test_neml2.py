@@ -120,6 +120,11 @@ def test_card_errors(tmp_path, neml2):
         f"{path}: [model] file 'missing.i' not found (looked for {tmp_path / 'missing.i'})")
     assert message(path, card.replace('[model]\n', '[model]\ncompile = "yes"\n')) == (
         f"{path}: [model] compile must be true or false, got 'yes'")
+    km = KM_CARD.read_text().replace('file = "kocks-mecking.i"', f'file = "{KM_CARD.with_suffix(".i")}"')
+    assert message(path, km.replace('prior = [-5.4, 0.4]\nvaries = "shared"',
+                                    'prior = [-5.4, 0.4]\nvaries = "specimen"')) == (
+        f"{path}: [parameters.C_value] varies = 'specimen' needs bounds from 0 up, got "
+        "[-8.0, -3.0] (its spread is a coefficient of variation): make it 'shared'")
     builtin = (ROOT / "models" / "perzyna-voce.toml").read_text()
     assert message(path, builtin.replace('[model]\n', '[model]\ncompile = true\n')) == (
         f"{path}: [model] compile applies only to backend = 'neml2'")
