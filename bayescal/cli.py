@@ -192,6 +192,9 @@ def _add_fit(subparsers) -> argparse.ArgumentParser:
                         help="centered parameterisation of the specimen level")
     parser.add_argument("--resume", action="store_true",
                         help="continue from DIR/checkpoint.pt when it exists")
+    parser.add_argument("--compile", action="store_true",
+                        help="compile a NEML2 model with neml2.compile: minutes per new shape, "
+                             "then faster per step; pays off for long SVI runs (docs/neml2.md)")
     group = parser.add_argument_group("NUTS (--method nuts)")
     group.add_argument("--chains", type=int, default=sampler.chains, metavar="K",
                        help=f"chains, run in parallel processes (default: {sampler.chains})")
@@ -217,6 +220,7 @@ def _add_fit(subparsers) -> argparse.ArgumentParser:
 
 
 def _run_fit(args: argparse.Namespace) -> int:
+    import dataclasses
     from pathlib import Path
 
     from bayescal.card import load_card
@@ -247,6 +251,11 @@ def _run_fit(args: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():
         raise BadInput(f"--out {out}: exists and is not a directory")
     spec = load_card(args.card)
+    if args.compile:
+        if spec.backend != "neml2":
+            raise BadInput(f"{spec.path}: --compile applies only to NEML2 cards "
+                           "([model] backend = \"neml2\")")
+        spec = dataclasses.replace(spec, compile=True)
     experiments = read_experiments(args.data)
     guide = "delta" if args.method == "map" else (args.guide or SVIConfig().guide)
     config = SVIConfig(guide=guide, steps=args.steps, lr=args.lr, particles=args.particles)

@@ -399,6 +399,9 @@ def test_fit_bad_options_and_inputs(capsys, tmp_path, tiny_data):
                                     "full-rank Laplace or SVI approximation)")):
         one_line_error(capsys, ["fit", PERZYNA, "--data", tiny_data, "--method", "nuts",
                                 *options, "--out", out], message)
+    one_line_error(capsys, ["fit", PERZYNA, "--data", tiny_data, "--compile", "--out", out],
+                   f"{PERZYNA}: --compile applies only to NEML2 cards "
+                   '([model] backend = "neml2")')
     status, _, err = run(capsys, "fit", PERZYNA, "--data", tiny_data, "--method", "hmc",
                          "--out", out)
     assert status == 2 and "invalid choice: 'hmc'" in err
