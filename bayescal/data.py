@@ -165,11 +165,22 @@ def write_table(path: str | os.PathLike, header: Sequence[str], rows: Iterable) 
     so that an interrupted write never leaves a half-written or missing file."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+
+    def write(f) -> None:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+
+    replace_from_temporary(fd, tmp, path, write, "w", newline="", encoding="utf-8")
+
+
+def replace_from_temporary(fd: int, tmp: str, path: Path, write, mode: str, **open_kwargs) -> None:
+    """Fill the temporary file ``tmp`` (open descriptor ``fd``) with ``write(file)``, give it the
+    usual permissions and rename it over ``path``; on any failure remove it, leaving ``path``
+    as it was."""
     try:
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
-            writer = csv.writer(f)
-            writer.writerow(header)
-            writer.writerows(rows)
+        with os.fdopen(fd, mode, **open_kwargs) as f:
+            write(f)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)

@@ -18,6 +18,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from bayescal.card import ModelSpec  # noqa: E402
+from bayescal.data import replace_from_temporary  # noqa: E402
 from bayescal.errors import BadInput  # noqa: E402
 from bayescal.hierarchy import Bounded  # noqa: E402
 
@@ -389,16 +390,7 @@ def save_figure(fig, path: str | Path, dpi: int = 130) -> Path:
     except OSError as exc:
         raise BadInput(f"--out {path}: cannot write to folder {str(folder)!r}: "
                        f"{exc.strerror or exc}") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format=fmt, dpi=dpi)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    replace_from_temporary(fd, tmp, path, lambda f: fig.savefig(f, format=fmt, dpi=dpi), "wb")
     return path
 
 
