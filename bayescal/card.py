@@ -15,6 +15,7 @@ from typing import Any
 
 from bayescal.errors import BadInput
 from bayescal.material import MODELS, Integrable, get_model
+from bayescal.schemes import SCHEMES
 from bayescal.simulate import SolverOptions
 
 VARIES = ("specimen", "shared")
@@ -130,9 +131,24 @@ def parse_card(text: str, path: str | os.PathLike) -> ModelSpec:
                  for c in component_names(n, shape)}
 
     solver = _Table(path, "solver", card.get("solver", {}),
-                    ("n_chunk", "substeps", "transient_substeps", "rtol", "atol"))
+                    ("n_chunk", "scheme", "tolerance", "substeps", "transient_substeps", "rtol",
+                     "atol"))
     noise = _Table(path, "noise", card.get("noise", {}), ("prior_scale",))
     defaults = SolverOptions()
+    scheme = solver.string("scheme", defaults.scheme)
+    if scheme not in SCHEMES:
+        raise solver.error(f"scheme {scheme!r} must be one of {', '.join(map(repr, SCHEMES))}")
+    if backend != "builtin" and "scheme" in solver.data:
+        raise solver.error("scheme applies only to built-in models (a NEML2 input file has its "
+                           "own time discretisation)")
+    substeps = solver.integer("substeps", None)
+    transient_substeps = solver.integer("transient_substeps", None)
+    if substeps is None and transient_substeps is not None:
+        raise solver.error("transient_substeps needs substeps (without them the sub-steps "
+                           "follow the tolerance)")
+    if substeps is not None and "tolerance" in solver.data:
+        raise solver.error("give either tolerance (sub-steps chosen automatically) or "
+                           "substeps (fixed by hand), not both")
     return ModelSpec(
         model=name,
         backend=backend,
@@ -140,8 +156,10 @@ def parse_card(text: str, path: str | os.PathLike) -> ModelSpec:
         system=system,
         solver=SolverOptions(
             n_chunk=solver.integer("n_chunk", defaults.n_chunk),
-            substeps=solver.integer("substeps", defaults.substeps),
-            transient_substeps=solver.integer("transient_substeps", defaults.transient_substeps),
+            scheme=scheme,
+            tolerance=solver.positive("tolerance", defaults.tolerance),
+            substeps=substeps,
+            transient_substeps=transient_substeps,
             rtol=solver.positive("rtol", defaults.rtol),
             atol=solver.positive("atol", defaults.atol),
         ),
@@ -304,8 +322,10 @@ class _Table:
             raise self.error(f"{key} must be true or false, got {raw!r}")
         return raw
 
-    def integer(self, key: str, default: int) -> int:
+    def integer(self, key: str, default: int | None) -> int | None:
         raw = self.data.get(key, default)
+        if raw is None:
+            return None
         if isinstance(raw, bool) or not isinstance(raw, int):
             raise self.error(f"{key} must be an integer, got {raw!r}")
         if raw < 1:

@@ -275,6 +275,11 @@ def _run_fit(args: argparse.Namespace) -> int:
         print(f"wrote {out / 'posterior.nc'} ({args.method}, guide {guide}, {attrs['steps']} "
               f"evaluations, {attrs['fit_time_s']:.0f} s fit, {attrs['solver_retries']} solver "
               f"retries, {attrs['skipped_steps']} skipped steps)")
+    print(f"integration: {attrs['scheme']}, {attrs['integration_steps']} steps, estimated "
+          f"error at the {attrs['integration_error_at']} {attrs['integration_error_rms']:.2g} MPa "
+          f"rms, {attrs['integration_error_max']:.2g} MPa at worst")
+    for warning in str(attrs.get("warnings", "")).splitlines():
+        print(f"{PROG}: warning: {warning}", file=sys.stderr)
     return 0
 
 

@@ -24,6 +24,7 @@ from bayescal.inference.draws import (posterior_draws, predictive_and_loglik, sa
                                       unpack_draws)
 from bayescal.inference.nuts import NUTSConfig, run_nuts
 from bayescal.inference.svi import Packing, SVIConfig, initial_values, run_svi
+from bayescal.simulate import estimate_error
 
 METHODS = ("map", "laplace", "svi", "nuts")
 
@@ -43,6 +44,40 @@ def numeric_labels(experiments: Experiments) -> dict[str, np.ndarray]:
     """The data's numeric per-specimen labels (e.g. ``strain_rate``), dims (specimen,)."""
     return {name: np.asarray(values, dtype=float) for name, values in experiments.labels.items()
             if all(isinstance(v, float) for v in values)}
+
+
+#: ``fit`` warns when the estimated integration error exceeds this share of the noise sd.
+INTEGRATION_WARNING_SHARE = 0.2
+
+
+def integration_report(h: Hierarchy, values: dict[str, torch.Tensor], noise_sd: float,
+                       at: str) -> dict:
+    """The estimated integration error (step doubling, MPa) of ``h``'s grid at physical
+    parameters ``values`` (``(specimen,)`` tensors), as attributes, with a plain-word
+    warning (``warnings``, a list) when its largest value exceeds
+    :data:`INTEGRATION_WARNING_SHARE` times the noise sd."""
+    exp = h.experiments
+    error = estimate_error(h.model, {**fixed_values(h.spec, exp.n_specimens), **values},
+                           exp.time, exp.strain, h.substeps, h.options, exp.temperature,
+                           exp.mask)
+    valid = error[exp.mask]
+    worst = float(valid.nan_to_num(nan=torch.inf).max()) if valid.numel() else 0.0
+    rms = float(valid.square().mean().sqrt()) if valid.numel() else 0.0
+    attrs = {"integration_error_at": at, "integration_error_rms": rms,
+             "integration_error_max": worst, "warnings": []}
+    if worst > INTEGRATION_WARNING_SHARE * noise_sd:
+        attrs["warnings"].append(
+            f"the estimated integration error at the {at} reaches {worst:.3g} MPa, more than "
+            f"{INTEGRATION_WARNING_SHARE:g} x the fitted noise sd ({noise_sd:.3g} MPa): the "
+            f"solver's error may bias the fit; lower [solver] tolerance (or raise substeps) "
+            f"in the card and fit again")
+    return attrs
+
+
+def fixed_values(spec: ModelSpec, n: int) -> dict[str, torch.Tensor]:
+    """The card's fixed parameters as ``(n,)`` tensors."""
+    return {k: torch.full((n,), float(p.value), dtype=torch.float64)
+            for k, p in spec.parameters.items() if p.is_fixed}
 
 
 def fit(spec: ModelSpec, experiments: Experiments, method: str = "svi",
@@ -105,6 +140,13 @@ def fit(spec: ModelSpec, experiments: Experiments, method: str = "svi",
         }
         sample_stats = None
     post = posterior_draws(h, latents, unique=method == "map")
+    if method == "nuts":
+        at, point = "posterior mean", {k: v.mean(0) for k, v in post.parameters.items()}
+    else:
+        at = "MAP"
+        point = {k: v[0] for k, v in posterior_draws(
+            h, {k: v[None] for k, v in result.map_values.items()}, unique=True).parameters.items()}
+    integration = integration_report(h, point, float(post.noise_sd.mean()), at)
     predictive, loglik = predictive_and_loglik(h, post, seed)
     variables = {**post.parameters, **post.population, "noise_sd": post.noise_sd}
     order = [n for name in spec.calibrated for n in (name, f"{name}_pop_mean", f"{name}_pop_sd")
@@ -121,7 +163,12 @@ def fit(spec: ModelSpec, experiments: Experiments, method: str = "svi",
         "card_toml": spec.text,
         "data": experiments.source,
         "n_chunk": h.options.n_chunk,
-        "substeps": h.options.substeps,
+        "scheme": h.options.scheme,
+        "tolerance": h.options.tolerance if h.options.automatic else float("nan"),
+        "substeps": [int(m) for m in h.substeps],
+        "integration_steps": h.grid.n_steps,
+        **integration,
+        "warnings": "\n".join(integration["warnings"]),
         "seed": seed,
         "draws": len(post.noise_sd),
         "centered": centered,

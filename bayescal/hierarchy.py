@@ -35,7 +35,8 @@ from pyro import poutine
 from bayescal.card import ModelSpec, load_model
 from bayescal.data import Experiments
 from bayescal.material import Integrable
-from bayescal.simulate import Grid, SolverOptions, SolveReport, integrate, refine
+from bayescal.simulate import (SolverOptions, SolveReport, SubstepPlan, fixed_substeps,
+                               integrate, plan_substeps, refine)
 
 
 class SolverFailure(RuntimeError):
@@ -96,18 +97,30 @@ class Hierarchy:
     from the previous solve's trajectory when the batch has the same size (successive
     Newton iterates of the MAP change parameters only a little). ``compile`` (default: the
     card's) compiles a NEML2 model (:func:`~bayescal.card.load_model`).
+
+    ``substeps`` (integration steps per recorded interval) fixes the grid; by default it is
+    the options' fixed counts, or planned from their tolerance over the prior population
+    (:func:`plan_integration`, kept as ``plan``).
     """
 
     def __init__(self, spec: ModelSpec, experiments: Experiments,
                  options: SolverOptions | None = None, centered: bool = False,
-                 warm_start: bool = True, compile: bool | None = None) -> None:
+                 warm_start: bool = True, compile: bool | None = None,
+                 substeps: torch.Tensor | None = None) -> None:
         self.spec = spec
         self.model: Integrable = load_model(spec, compile)
         self.experiments = experiments
         self.options = options or spec.solver
         self.centered = centered
         self.transforms = {name: Bounded(*spec.parameters[name].bounds) for name in spec.calibrated}
-        self.grid = refine(experiments.time, experiments.strain, self.options,
+        self.plan: SubstepPlan | None = None
+        if substeps is None and self.options.automatic:
+            self.plan = plan_integration(spec, self.model, experiments, self.options)
+            substeps = self.plan.substeps
+        elif substeps is None:
+            substeps = fixed_substeps(experiments.time, experiments.strain, self.options)
+        self.substeps = substeps
+        self.grid = refine(experiments.time, experiments.strain, substeps,
                            experiments.temperature)
         self.last_report: SolveReport | None = None
         self.warm_start = warm_start
@@ -175,9 +188,7 @@ class Hierarchy:
         params.update(flat)
         n_total = int(np.prod(batch))
         grid = self.grid
-        reps = n_total // n_spec
-        batched = Grid(grid.time.repeat(1, reps), grid.strain.repeat(1, reps), grid.recorded,
-                       None if grid.temperature is None else grid.temperature.repeat(1, reps))
+        batched = grid.repeat(n_total // n_spec)
         guess = self._previous
         if guess is not None and guess.shape[1] != n_total:
             guess = None
@@ -249,3 +260,38 @@ def draw_specimens(spec: ModelSpec, n: int, seed: int) -> dict[str, torch.Tensor
         offsets = torch.randn(n, generator=generator, dtype=torch.float64)
         values[name] = t.forward(z0 + tau * offsets)
     return values
+
+
+#: Draws from the prior population, per specimen, that :func:`plan_integration` plans over
+#: besides the prior centre.
+PLAN_DRAWS = 2
+
+
+def plan_integration(spec: ModelSpec, model: Integrable, experiments: Experiments,
+                     options: SolverOptions, values: dict[str, torch.Tensor] | None = None
+                     ) -> SubstepPlan:
+    """Integration steps per recorded interval for ``experiments`` (:func:`plan_substeps`).
+
+    ``values`` are physical parameters per specimen (``(n_specimens,)`` tensors, e.g. the
+    MAP). By default each specimen's path is planned at the prior centre and at
+    :data:`PLAN_DRAWS` draws from the card's prior population (seeded), so that the grid
+    also serves specimens away from the centre: a higher-order scheme's error grows fast
+    where its steps are too long for a relaxation (it overshoots into the elastic range).
+    """
+    n = experiments.n_specimens
+    if values is None:
+        centre = {k: torch.full((n,), float(p.value if p.is_fixed else p.prior[0]),
+                                dtype=torch.float64) for k, p in spec.parameters.items()}
+        draws = draw_specimens(spec, n * PLAN_DRAWS, seed=0)
+        values = {k: torch.cat([centre[k], draws[k]]) for k in centre}
+    else:
+        values = {**{k: torch.full((n,), float(p.value), dtype=torch.float64)
+                     for k, p in spec.parameters.items() if p.is_fixed}, **values}
+    reps = next(iter(values.values())).shape[0] // n
+    exp = experiments
+    return plan_substeps(
+        model, {k: v.detach() for k, v in values.items()},
+        exp.time.repeat(1, reps), exp.strain.repeat(1, reps), options,
+        None if exp.temperature is None else exp.temperature.repeat(1, reps),
+        exp.mask.repeat(1, reps))
+

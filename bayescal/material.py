@@ -1,8 +1,9 @@
-"""Built-in uniaxial viscoplastic models and the strain-controlled backward Euler residual.
+"""Built-in uniaxial viscoplastic models and their strain-controlled implicit residual.
 
 A model is one small class: the rate of its internal state at fixed total strain and the
-Jacobian of that rate (:meth:`MaterialModel.rate`). Everything else (the backward Euler
-residual, its block Jacobian, pyzag's chunked Newton and adjoint) is shared.
+Jacobian of that rate (:meth:`MaterialModel.rate`). Everything else (the implicit
+Runge-Kutta residual of any scheme in :mod:`bayescal.schemes`, its block Jacobian, pyzag's
+chunked Newton and adjoint) is shared.
 :class:`Integrable` is what the solver needs of any model, built-in or NEML2
 (:mod:`bayescal.neml2_backend`).
 
@@ -18,6 +19,8 @@ from typing import ClassVar, Mapping, Sequence
 import torch
 from pyzag.nonlinear import ChunkOp, NonlinearFunctionOperatorFactory
 from pyzag.ode import DenseODEWrapper
+
+from bayescal.schemes import SCHEMES
 
 Params = Mapping[str, torch.Tensor]
 
@@ -36,7 +39,12 @@ class Integrable(ABC):
     """What :func:`bayescal.simulate.integrate` needs of a model: its ``name``, its
     ``parameters`` (scalar names, each given as a ``(batch,)`` tensor), a pyzag operator
     factory at given parameters, the driving forces of a grid, the initial state and the
-    stress of a state."""
+    stress of a state.
+
+    A model may carry several stage values per step (an implicit Runge-Kutta scheme):
+    :meth:`stages` says how many, and the factory's state is then ``stages * n_state`` long,
+    the last ``n_state`` entries being the state at the end of the step. A model with its
+    own time discretisation (NEML2) has one stage and ignores ``scheme``."""
 
     name: str
     parameters: tuple[str, ...]
@@ -47,8 +55,17 @@ class Integrable(ABC):
         """Length of the state vector."""
 
     @abstractmethod
-    def factory(self, params: Params) -> NonlinearFunctionOperatorFactory:
+    def factory(self, params: Params, scheme: str = "backward-euler"
+                ) -> NonlinearFunctionOperatorFactory:
         """The pyzag operator factory of the discretised equations at ``params``."""
+
+    def stages(self, scheme: str) -> int:
+        """State values per step that the factory carries for ``scheme``."""
+        return 1
+
+    def order(self, scheme: str) -> int:
+        """Order of accuracy of the discretisation under ``scheme`` (for error estimates)."""
+        return 1
 
     @abstractmethod
     def forces(self, time: torch.Tensor, strain: torch.Tensor,
@@ -101,8 +118,15 @@ class MaterialModel(Integrable):
         out[..., 0] = E
         return out
 
-    def factory(self, params: Params) -> StrainControlledResidual:
-        return StrainControlledResidual(self, params)
+    def factory(self, params: Params, scheme: str = "backward-euler"
+                ) -> StrainControlledResidual:
+        return StrainControlledResidual(self, params, scheme)
+
+    def stages(self, scheme: str) -> int:
+        return SCHEMES[scheme].stages
+
+    def order(self, scheme: str) -> int:
+        return SCHEMES[scheme].order
 
     def forces(self, time, strain, temperature=None):
         """Time and strain (the built-in models are isothermal: temperature is not used)."""
@@ -212,17 +236,28 @@ def get_model(name: str) -> MaterialModel:
 
 
 class StrainControlledResidual(torch.nn.Module, NonlinearFunctionOperatorFactory):
-    """pyzag factory for the backward Euler residual of a strain-controlled model.
+    """pyzag factory for the implicit Runge-Kutta residual of a strain-controlled model.
 
-    ``R_k = x_k - x_{k-1} - dt_k rate(x_k) - coupling * (strain_k - strain_{k-1})``.
+    A step of a stiffly accurate scheme (:mod:`bayescal.schemes`) with stages
+    ``Y_1 .. Y_s`` (``Y_s`` the state at the end of the step) has, for every stage ``i``,
+    ``R_i = Y_i - x_{k-1} - dt_k sum_j a_ij rate(Y_j) - c_i coupling (strain_k - strain_{k-1})``
+    (strain is linear in time within a step, so its contribution is exact). pyzag's state
+    at step ``k`` is all stages, ``(Y_1, .., Y_s)`` flattened, so that the step keeps a
+    lookback of one: ``x_{k-1}`` is the last stage of the previous state. The diagonal block
+    is ``delta_ij I - dt a_ij J(Y_j)``, the sub-diagonal ``-I`` in the last stage's column
+    for every stage. Backward Euler is the one-stage case, ``R = x_k - x_{k-1} - dt
+    rate(x_k) - coupling * (strain_k - strain_{k-1})``.
+
     Forces are ``(time, strain)``, each of shape ``(step, batch, 1)``. Parameter tensors are
     held as attributes; those that require grad are listed in ``converted_params`` so that
     :func:`pyzag.nonlinear.solve_adjoint` differentiates with respect to them.
     """
 
-    def __init__(self, model: MaterialModel, params: Params) -> None:
+    def __init__(self, model: MaterialModel, params: Params,
+                 scheme: str = "backward-euler") -> None:
         super().__init__()
         self.model = model
+        self.scheme = SCHEMES[scheme]
         self.converted_params = [key for key, value in params.items() if value.requires_grad]
         for key, value in params.items():
             setattr(self, key, value)
@@ -242,17 +277,28 @@ class StrainControlledResidual(torch.nn.Module, NonlinearFunctionOperatorFactory
 
     def evaluate_raw(self, x_full, forces):
         time, strain = forces
-        dt = torch.diff(time, dim=0)
-        dstrain = torch.diff(strain, dim=0)
-        x_new = x_full[1:]
+        s, n = self.scheme.stages, self.model.n_state
+        like = x_full[1:]
+        a = torch.tensor(self.scheme.a, dtype=like.dtype, device=like.device)
+        c = torch.tensor(self.scheme.c, dtype=like.dtype, device=like.device)
+        dt = torch.diff(time, dim=0)[..., None]  # (step, batch, 1, 1)
+        dstrain = torch.diff(strain, dim=0)[..., None]
+        stages = like.unflatten(-1, (s, n))  # (step, batch, stage, n)
+        x_prev = x_full[:-1, ..., None, (s - 1) * n:]  # (step, batch, 1, n)
         p = self.params()
-        rate, jac = self.model.rate(x_new, p)
-        coupling = self.model.strain_coupling(p, x_new)
-        R = x_new - x_full[:-1] - dt * rate - dstrain * coupling
-        eye = torch.eye(x_full.shape[-1], dtype=x_full.dtype, device=x_full.device)
-        diag = eye - dt[..., None] * jac
-        sub = -eye.expand_as(diag)
-        return R, self.wrapper.wrap_jacobian(diag, sub)
+        rate, jac = self.model.rate(stages, {k: v[..., None] for k, v in p.items()})
+        coupling = self.model.strain_coupling(p, x_prev[..., 0, :])[..., None, :]
+        combined = torch.einsum("ij,...jn->...in", a, rate)
+        R = stages - x_prev - dt * combined - (c[:, None] * dstrain) * coupling
+        eye_n = torch.eye(n, dtype=like.dtype, device=like.device)
+        eye_s = torch.eye(s, dtype=like.dtype, device=like.device)
+        # (step, batch, i, j, n, n) -> (step, batch, i n, j n)
+        blocks = (eye_s[:, :, None, None] * eye_n
+                  - dt[..., None, None] * (a[:, :, None, None] * jac[..., None, :, :, :]))
+        diag = blocks.transpose(-3, -2).reshape(*blocks.shape[:-4], s * n, s * n)
+        sub = torch.zeros(s * n, s * n, dtype=like.dtype, device=like.device)
+        sub[:, (s - 1) * n:] = -eye_n.repeat(s, 1)
+        return R.flatten(-2), self.wrapper.wrap_jacobian(diag, sub.expand_as(diag))
 
     def make_operator(self, prev_solution, forces, inverse_operator):
         return ChunkOp(self, prev_solution, forces, inverse_operator)

@@ -204,8 +204,9 @@ class NEML2Model(Integrable):
     def needs_temperature(self) -> bool:
         return TEMPERATURE in self._factory.fvars
 
-    def factory(self, params: Params) -> BoundSystem:
-        """The wrapped system bound to every parameter's ``(batch, *shape)`` values."""
+    def factory(self, params: Params, scheme: str = "backward-euler") -> BoundSystem:
+        """The wrapped system bound to every parameter's ``(batch, *shape)`` values (the
+        input file's own time discretisation: ``scheme`` does not apply)."""
         values = {}
         for name, shape in self.shapes.items():
             parts = [params[c] for c in component_names(name, shape)]

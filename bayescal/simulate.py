@@ -2,8 +2,10 @@
 
 One solver path serves fit, NUTS, predict, simulate and check:
 
-* :func:`refine` puts sub-steps between recorded points (denser, and graded, right after a
-  change of strain rate), because backward Euler at the recorded points alone is far off;
+* :func:`plan_substeps` chooses the integration steps of each recorded interval so that
+  the estimated stress error stays below a tolerance (step doubling), because one implicit
+  step per recorded point is far off; :func:`refine` puts those sub-steps between the
+  recorded points;
 * :func:`integrate` solves ``n_chunk`` steps at a time with pyzag's blocked Newton and,
   when asked, differentiates with pyzag's chunked adjoint
   (:func:`pyzag.nonlinear.solve_adjoint`); a chunk that fails (non-convergence or NaN,
@@ -27,6 +29,7 @@ from pyzag import chunktime, nonlinear
 from pyzag.operators.dense import DenseBlockVector
 
 from bayescal.material import Integrable, MaterialModel, StrainControlledResidual
+from bayescal.schemes import DEFAULT_SCHEME, SCHEMES
 
 # pyzag announces, once per process, a torch.compile setting that matters only to compiled
 # models (which it has already made safe for its adjoint): noise to bayescal's users.
@@ -43,20 +46,31 @@ PREDICTORS = {
 class SolverOptions:
     """Settings of the time integration (the card's ``[solver]`` table).
 
-    ``substeps`` integration steps per recorded interval, ``transient_substeps`` (graded,
-    smallest first) in an interval that starts with a change of strain rate.
+    ``scheme`` is the time discretisation of the built-in models (:mod:`bayescal.schemes`).
+    By default the integration steps per recorded interval are chosen automatically
+    (:func:`plan_substeps`) so that the estimated stress error at the recorded points stays
+    below ``tolerance`` (MPa). ``substeps`` fixes them by hand instead: ``substeps`` steps per
+    recorded interval, ``transient_substeps`` (default four times as many) in an interval
+    that starts with a change of strain rate.
     """
 
     n_chunk: int = 20
-    substeps: int = 4
-    transient_substeps: int = 16
-    grading: float = 1.0
+    scheme: str = DEFAULT_SCHEME
+    tolerance: float = 0.05
+    substeps: int | None = None
+    transient_substeps: int | None = None
     rtol: float = 1e-12
     atol: float = 1e-8
     max_iterations: int = 40
     first_chunk: int = 1
     predictor: str = "step-extrapolating"
     retry: bool = True
+    max_substeps: int = 512
+
+    @property
+    def automatic(self) -> bool:
+        """Whether the sub-steps are chosen from ``tolerance`` (no ``substeps`` given)."""
+        return self.substeps is None
 
 
 @dataclass(frozen=True)
@@ -72,6 +86,13 @@ class Grid:
     @property
     def n_steps(self) -> int:
         return self.time.shape[0]
+
+    def repeat(self, reps: int) -> Grid:
+        """The same grid for ``reps`` copies of the batch (batch index ``r * batch + b``)."""
+        if reps == 1:
+            return self
+        return Grid(self.time.repeat(1, reps), self.strain.repeat(1, reps), self.recorded,
+                    None if self.temperature is None else self.temperature.repeat(1, reps))
 
 
 @dataclass
@@ -90,7 +111,7 @@ class SolveReport:
         return [] if self.failed is None else self.failed.nonzero().flatten().tolist()
 
 
-def _rate_changes(time: torch.Tensor, strain: torch.Tensor, tol: float = 0.05) -> torch.Tensor:
+def rate_changes(time: torch.Tensor, strain: torch.Tensor, tol: float = 0.05) -> torch.Tensor:
     """Intervals (``n_rec - 1``,) where any specimen's strain rate changes, the first included."""
     dt = torch.diff(time, dim=0)
     rate = torch.where(dt > 0, torch.diff(strain, dim=0) / torch.where(dt > 0, dt, 1.0), 0.0)
@@ -99,38 +120,43 @@ def _rate_changes(time: torch.Tensor, strain: torch.Tensor, tol: float = 0.05) -
     return torch.cat([first, jump.any(dim=-1)])
 
 
-def _fractions(n: int, ratio: float, dtype, device) -> torch.Tensor:
-    """``n + 1`` points from 0 to 1, each gap ``ratio`` times the previous one."""
-    j = torch.arange(n + 1, dtype=dtype, device=device)
-    if ratio == 1.0:
-        return j / n
-    return (ratio**j - 1.0) / (ratio**n - 1.0)
+def fixed_substeps(time: torch.Tensor, strain: torch.Tensor, options: SolverOptions
+                   ) -> torch.Tensor:
+    """Integration steps per recorded interval ``(n_rec - 1,)`` set by hand: ``substeps``,
+    or ``transient_substeps`` where the strain rate changes."""
+    if options.automatic:
+        raise ValueError("the solver options choose their sub-steps from a tolerance")
+    transient = options.transient_substeps or 4 * options.substeps
+    return torch.where(rate_changes(time, strain), transient, options.substeps)
 
 
-def refine(time: torch.Tensor, strain: torch.Tensor, options: SolverOptions,
+def refine(time: torch.Tensor, strain: torch.Tensor, substeps: torch.Tensor,
            temperature: torch.Tensor | None = None) -> Grid:
     """Sub-step a recorded path; ``time``, ``strain`` (and ``temperature``) have shape
-    ``(n_rec, batch)``.
+    ``(n_rec, batch)``, ``substeps`` (``n_rec - 1``,) the steps of each recorded interval.
 
-    Sub-steps are placed in fractions of each interval shared by all specimens (so the
+    Sub-steps divide each interval evenly, in fractions shared by all specimens (so the
     batch shares one grid shape); strain and temperature are linear in time within an
     interval.
     """
-    transient = _rate_changes(time, strain)
-    uniform = _fractions(options.substeps, 1.0, time.dtype, time.device)
-    graded = _fractions(options.transient_substeps, options.grading, time.dtype, time.device)
+    counts = [int(m) for m in substeps.tolist()]
+    if len(counts) != time.shape[0] - 1 or min(counts, default=1) < 1:
+        raise ValueError(f"substeps must be {time.shape[0] - 1} positive counts")
+    fractions = {m: torch.arange(1, m + 1, dtype=time.dtype, device=time.device)[:, None] / m
+                 for m in set(counts)}
     paths = [x for x in (time, strain, temperature) if x is not None]
-    pieces, recorded = [[x[:1]] for x in paths], [0]
-    for k in range(time.shape[0] - 1):
-        u = (graded if transient[k] else uniform)[1:, None]
+    pieces = [[x[:1]] for x in paths]
+    for k, m in enumerate(counts):
+        u = fractions[m]
         for x, parts in zip(paths, pieces):
             parts.append(x[k] + u * (x[k + 1] - x[k]))
-        recorded.append(recorded[-1] + u.shape[0])
     refined = [torch.cat(parts) for parts in pieces]
+    recorded = torch.cat([torch.zeros(1, dtype=torch.long),
+                          torch.cumsum(torch.tensor(counts, dtype=torch.long), 0)])
     return Grid(
         time=refined[0],
         strain=refined[1],
-        recorded=torch.tensor(recorded, device=time.device),
+        recorded=recorded.to(time.device),
         temperature=refined[2] if temperature is not None else None,
     )
 
@@ -230,22 +256,37 @@ class _RetryingSolver(nonlinear.RecursiveNonlinearEquationSolver):
         return torch.cat([first, second])
 
 
+def _stage_guess(guess: torch.Tensor, stages: int, scheme: str) -> torch.Tensor:
+    """A trajectory of end-of-step states ``(step, batch, n)`` as a guess for every stage:
+    each stage value interpolated linearly in time within its step."""
+    if stages == 1:
+        return guess
+    c = torch.tensor(SCHEMES[scheme].c, dtype=guess.dtype, device=guess.device)
+    start = torch.cat([guess[:1], guess[:-1]])
+    return (start[:, :, None] + c[:, None] * (guess - start)[:, :, None]).flatten(-2)
+
+
 def integrate(model: Integrable, params: Mapping[str, torch.Tensor | float], grid: Grid,
               options: SolverOptions = SolverOptions(), adjoint: bool = True,
-              guess: torch.Tensor | None = None) -> tuple[torch.Tensor, SolveReport]:
-    """Integrate from a zero state over ``grid``; returns states ``(step, batch, n_state)``.
+              guess: torch.Tensor | None = None, stages: bool = False
+              ) -> tuple[torch.Tensor, SolveReport]:
+    """Integrate from a zero state over ``grid``; returns states ``(step, batch, n_state)``
+    (with ``stages``, every stage value: ``(step, batch, stages * n_state)``).
 
     With ``adjoint`` the result is differentiable with respect to ``params`` through pyzag's
     chunked adjoint. Specimens whose solve failed are NaN and listed in the report.
-    ``guess``, a whole trajectory of the same shape (e.g. the previous optimiser step's),
-    replaces the predictor as Newton's starting point.
+    ``guess``, a whole trajectory of end-of-step states of the same shape (e.g. the previous
+    optimiser step's), replaces the predictor as Newton's starting point.
     """
     batch = grid.time.shape[1]
     p = broadcast_params(model, params, batch, grid.time)
-    factory = model.factory(p)
+    n_stages = model.stages(options.scheme)
+    factory = model.factory(p, options.scheme)
     report = SolveReport(failed=torch.zeros(batch, dtype=torch.bool, device=grid.time.device))
+    if guess is not None:
+        guess = _stage_guess(guess, n_stages, options.scheme)
     solver = _RetryingSolver(factory, options, report, guess)
-    y0 = model.initial_state(batch, grid.time)
+    y0 = model.initial_state(batch, grid.time).repeat(1, n_stages)
     forces = model.forces(grid.time, grid.strain, grid.temperature)
     if adjoint:
         states = nonlinear.solve_adjoint(solver, y0, grid.n_steps, *forces)
@@ -259,16 +300,22 @@ def integrate(model: Integrable, params: Mapping[str, torch.Tensor | float], gri
     else:
         with torch.no_grad():
             states = nonlinear.solve(solver, y0, grid.n_steps, *forces)
+    if not stages:
+        states = states[..., (n_stages - 1) * model.n_state:]
     return states, report
 
 
 def integrate_unrolled(model: MaterialModel, params: Mapping[str, torch.Tensor | float],
                        grid: Grid, options: SolverOptions = SolverOptions()) -> torch.Tensor:
-    """Reference: one backward Euler step at a time, plain autograd through every Newton
-    iteration (memory linear in the number of steps). For tests and benchmarks."""
+    """Reference: one step at a time of ``options.scheme``, plain autograd through every
+    Newton iteration (memory linear in the number of steps). For tests and benchmarks.
+    Returns end-of-step states ``(step, batch, n_state)``."""
     batch = grid.time.shape[1]
-    factory = StrainControlledResidual(model, broadcast_params(model, params, batch, grid.time))
-    x = torch.zeros(batch, model.n_state, dtype=grid.time.dtype, device=grid.time.device)
+    factory = StrainControlledResidual(model, broadcast_params(model, params, batch, grid.time),
+                                       options.scheme)
+    n_stages = model.stages(options.scheme)
+    x = torch.zeros(batch, n_stages * model.n_state, dtype=grid.time.dtype,
+                    device=grid.time.device)
     states = [x]
     for k in range(1, grid.n_steps):
         window_t, window_e = grid.time[k - 1 : k + 1, :, None], grid.strain[k - 1 : k + 1, :, None]
@@ -281,15 +328,122 @@ def integrate_unrolled(model: MaterialModel, params: Mapping[str, torch.Tensor |
             y = y - torch.linalg.solve(J.diag[0], R[0])
         x = y
         states.append(x)
-    return torch.stack(states)
+    return torch.stack(states)[..., (n_stages - 1) * model.n_state:]
+
+
+def _recorded_stress(model: Integrable, params, time, strain, temperature, substeps,
+                     options: SolverOptions) -> tuple[torch.Tensor, SolveReport]:
+    """Stress ``(n_rec, batch)`` at the recorded points, without gradients."""
+    grid = refine(time, strain, substeps, temperature)
+    states, report = integrate(model, params, grid, options, adjoint=False)
+    return model.stress(states[grid.recorded]), report
+
+
+@dataclass(frozen=True)
+class SubstepPlan:
+    """Integration steps per recorded interval and the stress error they were judged by.
+
+    ``error`` ``(n_rec, batch)`` is the step-doubling estimate of the error of the grid
+    ``substeps`` at the recorded points (MPa; ``nan`` where a solve failed), ``rounds`` the
+    refinement rounds taken."""
+
+    substeps: torch.Tensor
+    error: torch.Tensor
+    rounds: int
+
+    def worst(self, mask: torch.Tensor | None = None) -> float:
+        """The largest estimated error (over the ``mask``ed points)."""
+        error = self.error if mask is None else self.error[mask]
+        return float(error.nan_to_num(nan=torch.inf).max()) if error.numel() else 0.0
+
+    def rms(self, mask: torch.Tensor | None = None) -> float:
+        """The rms estimated error (over the ``mask``ed points)."""
+        error = self.error if mask is None else self.error[mask]
+        return float(error.square().mean().sqrt()) if error.numel() else 0.0
+
+
+def estimate_error(model: Integrable, params, time, strain, substeps: torch.Tensor,
+                   options: SolverOptions, temperature=None, mask=None
+                   ) -> torch.Tensor:
+    """Step-doubling estimate of the stress error ``(n_rec, batch)`` (MPa) of the grid
+    ``substeps`` at the recorded points: the difference to a grid twice as fine, times
+    ``2^p / (2^p - 1)`` for a scheme of order ``p`` (Richardson). Zero where ``mask`` is
+    False, ``nan`` where either solve failed."""
+    order = model.order(options.scheme)
+    coarse, report_c = _recorded_stress(model, params, time, strain, temperature, substeps,
+                                        options)
+    fine, report_f = _recorded_stress(model, params, time, strain, temperature, 2 * substeps,
+                                      options)
+    error = (coarse - fine).abs() * (2**order / (2**order - 1))
+    failed = report_c.failed | report_f.failed
+    error = torch.where(failed, torch.nan, error)
+    return error if mask is None else torch.where(mask, error, 0.0)
+
+
+#: Refinement rounds of :func:`plan_substeps` at the most.
+PLAN_ROUNDS = 8
+
+
+def plan_substeps(model: Integrable, params: Mapping[str, torch.Tensor | float],
+                  time: torch.Tensor, strain: torch.Tensor, options: SolverOptions,
+                  temperature: torch.Tensor | None = None, mask: torch.Tensor | None = None
+                  ) -> SubstepPlan:
+    """Integration steps per recorded interval, shared by the batch, so that the estimated
+    stress error (:func:`estimate_error`) stays below ``options.tolerance`` at every
+    recorded point of every path (``(n_rec, batch)``, padded points masked out).
+
+    Starts from one step per interval (four where the strain rate changes) and refines, a
+    few rounds, the intervals over which some path's estimated error grew by more than a
+    share of the tolerance: by the factor that the scheme's order says brings that growth
+    under it. Errors in stiff viscoplasticity are mostly local (relaxation damps what came
+    before), so the growth over an interval is its own contribution; where the total still
+    exceeds the tolerance once no interval stands out, the share is halved. With
+    ``options.substeps`` set the counts are fixed and only the estimate is made.
+    """
+    if not options.automatic:
+        substeps = fixed_substeps(time, strain, options)
+        error = estimate_error(model, params, time, strain, substeps, options, temperature, mask)
+        return SubstepPlan(substeps, error, 0)
+    order = model.order(options.scheme)
+    tol = options.tolerance
+    substeps = torch.where(rate_changes(time, strain), 4, 1)
+    share = 0.5
+    for rounds in range(1, PLAN_ROUNDS + 1):
+        error = estimate_error(model, params, time, strain, substeps, options, temperature, mask)
+        unknown = error.nan_to_num(nan=torch.inf)
+        if float(unknown.max()) <= tol:
+            return SubstepPlan(substeps, error, rounds)
+        growth = (unknown[1:] - unknown[:-1]).clamp_min(0).amax(dim=-1)
+        growth = torch.where(torch.isnan(growth), torch.inf, growth)
+        over = growth > share * tol
+        if not over.any():
+            share /= 2
+            continue
+        factor = (growth / (share * tol)).clamp(max=2.0**20) ** (1.0 / order)
+        factor = torch.ceil(1.2 * factor).clamp(2, 16).long()
+        grown = torch.where(over, substeps * factor, substeps).clamp(max=options.max_substeps)
+        if torch.equal(grown, substeps):
+            break  # every interval that matters is at max_substeps
+        substeps = grown
+    error = estimate_error(model, params, time, strain, substeps, options, temperature, mask)
+    return SubstepPlan(substeps, error, PLAN_ROUNDS + 1)
 
 
 def simulate(model: Integrable, params: Mapping[str, torch.Tensor | float],
              time: torch.Tensor, strain: torch.Tensor, options: SolverOptions = SolverOptions(),
              adjoint: bool = True, temperature: torch.Tensor | None = None,
-             ) -> tuple[torch.Tensor, SolveReport]:
+             substeps: torch.Tensor | None = None) -> tuple[torch.Tensor, SolveReport]:
     """Stress ``(n_rec, batch)`` at the recorded points of ``time``/``strain`` (and
-    ``temperature``) ``(n_rec, batch)``."""
-    grid = refine(time, strain, options, temperature)
+    ``temperature``) ``(n_rec, batch)``.
+
+    ``substeps`` (``n_rec - 1``,) fixes the steps per recorded interval; by default they are
+    the options' fixed counts, or planned (:func:`plan_substeps`) at ``params``."""
+    if substeps is None:
+        if options.automatic:
+            plain = {k: torch.as_tensor(v).detach() for k, v in params.items()}
+            substeps = plan_substeps(model, plain, time, strain, options, temperature).substeps
+        else:
+            substeps = fixed_substeps(time, strain, options)
+    grid = refine(time, strain, substeps, temperature)
     states, report = integrate(model, params, grid, options, adjoint=adjoint)
     return model.stress(states[grid.recorded]), report
