@@ -48,7 +48,7 @@ TOLERANCES: dict[str, float] = {
     "adjoint-gradient": 1e-5,    # relative
     "chunking": 1e-6,            # relative to the largest stress
     "integration": 0.2,          # MPa, rms at the recorded points
-    "response": 1.0,             # share of elastic steps; fails when every step is elastic
+    "response": 0.99,            # share of elastic steps: fewer than 1 % inelastic inform little
 }
 #: Newton tolerances of the solves of the adjoint-gradient check.
 GRADIENT_TOLERANCE = 1e-11
@@ -322,9 +322,9 @@ def check_integration(model: Integrable, params: Mapping[str, float], load: Chec
 
 def check_response(model: Integrable, params: Mapping[str, float], load: CheckLoad,
                    options: SolverOptions) -> CheckResult:
-    """Fails when the stress is zero everywhere or (built-in models) no step is inelastic.
-
-    ``value`` is the share of elastic steps (1 when the stress is zero everywhere)."""
+    """Fails when the stress is zero everywhere or (built-in models) hardly any step is
+    inelastic: ``value`` is the share of elastic steps (1 when the stress is zero
+    everywhere)."""
     name = "response"
     substeps = card_substeps(model, params, load, options)
     grid = refine(load.time, load.strain, substeps, load.temperature)
@@ -345,9 +345,9 @@ def check_response(model: Integrable, params: Mapping[str, float], load: CheckLo
     inelastic = int((rate.abs().amax(dim=-1) > 0).sum())
     total = rate.shape[0] * rate.shape[1]
     elastic = 1.0 - inelastic / total
-    passed = inelastic > 0
+    passed = elastic <= TOLERANCES[name]
     detail = (f"max |stress| {peak:.4g} MPa, {inelastic} of {total} steps inelastic"
-              + ("" if passed else ": the load never leaves the elastic range, so the data "
+              + ("" if passed else ": the load hardly leaves the elastic range, so the data "
                  "cannot inform the plastic parameters (load further, or check the units)"))
     return CheckResult(name, elastic, TOLERANCES[name], passed, detail)
 

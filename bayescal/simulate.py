@@ -368,15 +368,14 @@ def estimate_error(model: Integrable, params, time, strain, substeps: torch.Tens
     """Step-doubling estimate of the stress error ``(n_rec, batch)`` (MPa) of the grid
     ``substeps`` at the recorded points: the difference to a grid twice as fine, times
     ``2^p / (2^p - 1)`` for a scheme of order ``p`` (Richardson). Zero where ``mask`` is
-    False, ``nan`` where either solve failed."""
+    False, ``nan`` from where either solve failed."""
     order = model.order(options.scheme)
     coarse, report_c = _recorded_stress(model, params, time, strain, temperature, substeps,
                                         options)
     fine, report_f = _recorded_stress(model, params, time, strain, temperature, 2 * substeps,
                                       options)
+    # a failed solve is NaN from its failed chunk on
     error = (coarse - fine).abs() * (2**order / (2**order - 1))
-    failed = report_c.failed | report_f.failed
-    error = torch.where(failed, torch.nan, error)
     return error if mask is None else torch.where(mask, error, 0.0)
 
 
@@ -397,7 +396,10 @@ def plan_substeps(model: Integrable, params: Mapping[str, torch.Tensor | float],
     share of the tolerance: by the factor that the scheme's order says brings that growth
     under it. Errors in stiff viscoplasticity are mostly local (relaxation damps what came
     before), so the growth over an interval is its own contribution; where the total still
-    exceeds the tolerance once no interval stands out, the share is halved. With
+    exceeds the tolerance once no interval stands out, the share is halved. Where a path's
+    solve fails (Newton fails on steps too long for a stiff flow rule), the interval of the
+    failure is refined eightfold; a failure that refining does not cure is left to the
+    solve that uses the plan to report. With
     ``options.substeps`` set the counts are fixed and only the estimate is made.
     """
     if not options.automatic:
@@ -410,11 +412,15 @@ def plan_substeps(model: Integrable, params: Mapping[str, torch.Tensor | float],
     share = 0.5
     for rounds in range(1, PLAN_ROUNDS + 1):
         error = estimate_error(model, params, time, strain, substeps, options, temperature, mask)
-        unknown = error.nan_to_num(nan=torch.inf)
-        if float(unknown.max()) <= tol:
+        # Newton can fail on steps too long for a stiff flow rule: the interval where a path
+        # first fails is refined like one far over the tolerance
+        failed = torch.isnan(error)
+        first = failed & (torch.cumsum(failed.long(), dim=0) == 1)
+        judged = torch.where(failed, 0.0, error)
+        if float(judged.max()) <= tol and not failed.any():
             return SubstepPlan(substeps, error, rounds)
-        growth = (unknown[1:] - unknown[:-1]).clamp_min(0).amax(dim=-1)
-        growth = torch.where(torch.isnan(growth), torch.inf, growth)
+        growth = (judged[1:] - judged[:-1]).clamp_min(0)
+        growth = torch.where(first[1:], 8.0**order * share * tol, growth).amax(dim=-1)
         over = growth > share * tol
         if not over.any():
             share /= 2

@@ -108,8 +108,33 @@ def test_solver_and_noise_default(tmp_path):
     text = edit("[noise]\nprior_scale = 5.0\n", "")
     text = edit("[solver]\nn_chunk = 10\nsubsteps = 2\nrtol = 1e-6\natol = 1e-9\n", "", text)
     spec = load_card(write(tmp_path, text))
-    assert spec.solver == SolverOptions(n_chunk=20, substeps=4, rtol=1e-12, atol=1e-8)
+    assert spec.solver == SolverOptions(n_chunk=20, scheme="radau-iia", tolerance=0.05,
+                                        substeps=None, rtol=1e-12, atol=1e-8)
+    assert spec.solver.automatic
     assert spec.noise_prior_scale == 10.0
+
+
+def test_scheme_and_tolerance(tmp_path):
+    text = edit("substeps = 2\n", 'scheme = "backward-euler"\ntolerance = 0.01\n')
+    spec = load_card(write(tmp_path, text))
+    assert (spec.solver.scheme, spec.solver.tolerance, spec.solver.substeps) == (
+        "backward-euler", 0.01, None)
+
+
+@pytest.mark.parametrize("old, new, message", [
+    ("substeps = 2", 'substeps = 2\nscheme = "rk4"',
+     "[solver] scheme 'rk4' must be one of 'backward-euler', 'sdirk2', 'radau-iia', "
+     "'radau-iia5'"),
+    ("substeps = 2", "substeps = 2\ntolerance = 0.1",
+     "[solver] give either tolerance (sub-steps chosen automatically) or substeps (fixed by "
+     "hand), not both"),
+    ("substeps = 2", "transient_substeps = 8",
+     "[solver] transient_substeps needs substeps (without them the sub-steps follow the "
+     "tolerance)"),
+    ("substeps = 2", "tolerance = 0.0", "[solver] tolerance must be positive, got 0.0"),
+])
+def test_scheme_and_tolerance_errors(tmp_path, old, new, message):
+    assert bad(tmp_path, edit(old, new)) == f"card.toml: {message}"
 
 
 @pytest.mark.parametrize("name, calibrated, varying, shared, fixed", [
@@ -123,7 +148,7 @@ def test_shipped_cards(name, calibrated, varying, shared, fixed):
     assert spec.model == name and spec.backend == "builtin"
     assert (spec.calibrated, spec.varying, spec.shared, spec.fixed) == (calibrated, varying, shared, fixed)
     assert spec.parameters["E"].value == 200000.0
-    assert spec.solver == SolverOptions(n_chunk=20, substeps=4, rtol=1e-12, atol=1e-8)
+    assert spec.solver == SolverOptions(n_chunk=20, tolerance=0.05, rtol=1e-12, atol=1e-8)
     assert spec.noise_prior_scale == 10.0
     assert all(spec.parameters[p].spread == 0.1 for p in varying)
     assert MODELS_DIR.joinpath(f"{name}.toml").read_text().startswith("# ")
@@ -371,7 +396,7 @@ def test_noise_prior_scale_positive(tmp_path, value):
     ('name = "perzyna-voce"', 'name = "perzyna-voce"\nnmae = "x"',
      "[model] unknown key 'nmae' (allowed: name, backend, file, system, compile)"),
     ("n_chunk = 10", "n_chunk = 10\nnchunk = 5\nsub_steps = 2",
-     "[solver] unknown key 'nchunk', 'sub_steps' (allowed: n_chunk, substeps, transient_substeps, rtol, atol)"),
+     "[solver] unknown key 'nchunk', 'sub_steps' (allowed: n_chunk, scheme, tolerance, substeps, transient_substeps, rtol, atol)"),
     ("prior_scale = 5.0", "prior_scale = 5.0\nscale = 1.0",
      "[noise] unknown key 'scale' (allowed: prior_scale)"),
     ("spread = 0.2", "sprad = 0.2",
