@@ -290,14 +290,12 @@ class StrainControlledResidual(torch.nn.Module, NonlinearFunctionOperatorFactory
         coupling = self.model.strain_coupling(p, x_prev[..., 0, :])[..., None, :]
         combined = torch.einsum("ij,...jn->...in", a, rate)
         R = stages - x_prev - dt * combined - (c[:, None] * dstrain) * coupling
-        eye_n = torch.eye(n, dtype=like.dtype, device=like.device)
-        eye_s = torch.eye(s, dtype=like.dtype, device=like.device)
-        # (step, batch, i, j, n, n) -> (step, batch, i n, j n)
-        blocks = (eye_s[:, :, None, None] * eye_n
-                  - dt[..., None, None] * (a[:, :, None, None] * jac[..., None, :, :, :]))
-        diag = blocks.transpose(-3, -2).reshape(*blocks.shape[:-4], s * n, s * n)
+        # K[.., i, u, j, v] = a_ij J(Y_j)[u, v], built in that memory order
+        coupled = a[:, None, :, None] * jac.transpose(-3, -2)[..., None, :, :, :]
+        eye = torch.eye(s * n, dtype=like.dtype, device=like.device)
+        diag = eye - dt * coupled.reshape(*coupled.shape[:-4], s * n, s * n)
         sub = torch.zeros(s * n, s * n, dtype=like.dtype, device=like.device)
-        sub[:, (s - 1) * n:] = -eye_n.repeat(s, 1)
+        sub[:, (s - 1) * n:] = -torch.eye(n, dtype=like.dtype, device=like.device).repeat(s, 1)
         return R.flatten(-2), self.wrapper.wrap_jacobian(diag, sub.expand_as(diag))
 
     def make_operator(self, prev_solution, forces, inverse_operator):

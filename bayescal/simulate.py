@@ -174,27 +174,48 @@ def broadcast_params(model: Integrable, params: Mapping[str, torch.Tensor | floa
 
 
 class SmallBlockScan(chunktime.BidiagonalInverseOperator):
-    """Block forward substitution for the small blocks of material models, as a prefix scan.
+    """Block forward substitution for the small blocks of material models.
 
     Substitution ``x_k = A_k^-1 (r_k - B_k x_(k-1))`` is the composition of the affine maps
-    ``x -> M_k x + c_k``; composing them pairwise in ``log2(steps)`` batched products
-    (Hillis-Steele) replaces a Python loop over the chunk's steps. pyzag's generic solves
-    wrap every block in operator objects; for blocks of 2-3 states that bookkeeping
-    dominated the cost. Measured against the loop it replaced (forward + adjoint, one
-    thread): the same time for 100 specimens x 2000 steps, 2.7x faster for 10 specimens
-    with chunks of 200 steps, 1.8x for one 5-specimen log density with a single chunk
-    (0.095 s against 0.17 s with the loop's best chunk). A singular block gives non-finite
-    values, which the retrying solver detects.
+    ``x -> M_k x + c_k`` with ``M_k = -A_k^-1 B_k``. pyzag's generic solves wrap every block
+    in operator objects; for blocks of 2-6 states that bookkeeping dominated the cost. Two
+    ways to compose the maps, chosen by :meth:`use_scan`:
+
+    * a **prefix scan** (Hillis-Steele): ``log2(steps)`` batched products, matrix-matrix
+      ones included, replace the Python loop; it pays where the loop's per-step overhead
+      dominates: long chunks of few, small blocks;
+    * a **loop** of one batched matrix-vector product per step, which does the least
+      arithmetic: better for the stage-augmented blocks of two-stage schemes, many
+      specimens or short chunks, where the scan's matrix products cost more than the loop's
+      overhead (measured in ``benchmarks/results/accuracy.json``'s timings).
+
+    A singular block gives non-finite values, which the retrying solver detects.
     """
+
+    #: The scan is used for chunks longer than this ...
+    SCAN_MIN_STEPS = 32
+    #: ... whose blocks, summed over the batch, have at most this many entries.
+    SCAN_MAX_ENTRIES = 256
 
     def __init__(self, A, B, *args, **kwargs) -> None:
         super().__init__(A, B, *args, **kwargs)
         self.A_inv = torch.linalg.inv_ex(A.data)[0]
         self.B_data = B.data
 
+    def use_scan(self) -> bool:
+        """Whether the prefix scan beats the loop for this chunk's shape."""
+        batch_entries = self.A_inv[0].numel()
+        return self.nblk > self.SCAN_MIN_STEPS and batch_entries <= self.SCAN_MAX_ENTRIES
+
     def matvec(self, v):
-        gain = torch.cat([torch.zeros_like(self.A_inv[:1]), -self.A_inv[1:] @ self.B_data])
+        gain = -self.A_inv[1:] @ self.B_data
         x = self.A_inv @ v.data.unsqueeze(-1)
+        if not self.use_scan():
+            steps = [x[0]]
+            for k in range(1, self.nblk):
+                steps.append(gain[k - 1] @ steps[-1] + x[k])
+            return DenseBlockVector(torch.stack(steps).squeeze(-1))
+        gain = torch.cat([torch.zeros_like(self.A_inv[:1]), gain])
         shift = 1
         while shift < self.nblk:
             x = torch.cat([x[:shift], gain[shift:] @ x[:-shift] + x[shift:]])

@@ -4,16 +4,15 @@ high-accuracy integration of the contract equations, and the physics those equat
 from __future__ import annotations
 
 import functools
-import math
 from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 from conftest import informative_path, piecewise_path
-from scipy.integrate import solve_ivp
 
 from bayescal.material import get_model
+from bayescal.reference import radau_stress
 from bayescal.simulate import (
     Grid,
     SolverOptions,
@@ -46,35 +45,8 @@ GRADIENT_PARAMS = {**PARAMS, "voce-jc": {**PARAMS["voce-jc"], "sy": 310.0}}
 
 
 # --------------------------------------------------------------------------------------------
-# An independent reference: the contract's rate equations in numpy, integrated by scipy's Radau
-# segment by segment (restarted at every change of strain rate).
-
-
-def _contract_rhs(name, P, strain_rate):
-    E = P["E"]
-
-    def perzyna(f):
-        return (f / P["eta"]) ** P["n"] if f > 0.0 else 0.0
-
-    if name == "perzyna-voce":
-        def rhs(t, y):
-            s, R = y
-            pdot = perzyna(abs(s) - (P["sy"] + R))
-            return [E * (strain_rate - pdot * np.sign(s)), P["d"] * (P["Rinf"] - R) * pdot]
-    elif name == "chaboche":
-        def rhs(t, y):
-            s, R, X = y
-            pdot = perzyna(abs(s - X) - (P["sy"] + R))
-            direction = np.sign(s - X)
-            return [E * (strain_rate - pdot * direction), P["d"] * (P["Rinf"] - R) * pdot,
-                    P["C"] * pdot * direction - P["g"] * X * pdot]
-    else:
-        def rhs(t, y):
-            s, R = y
-            f = abs(s) / (P["sy"] + R) - 1.0
-            pdot = P["eps0"] * math.expm1(min(f / P["C"], 700.0)) if f > 0.0 else 0.0
-            return [E * (strain_rate - pdot * np.sign(s)), P["d"] * (P["Rinf"] - R) * pdot]
-    return rhs
+# An independent reference: scipy's Radau on the contract equations (bayescal.reference),
+# cached by problem.
 
 
 def radau_reference(name, P, time, strain, tol=1e-10):
@@ -82,29 +54,11 @@ def radau_reference(name, P, time, strain, tol=1e-10):
     time, strain = np.asarray(time, float), np.asarray(strain, float)
     key = (name, tuple(sorted(P.items())), time.tobytes(), strain.tobytes(), tol)
     if key not in _REFERENCES:
-        _REFERENCES[key] = _radau(name, P, time, strain, tol)
+        _REFERENCES[key] = radau_stress(name, P, time, strain, tol)
     return _REFERENCES[key]
 
 
 _REFERENCES: dict = {}
-
-
-def _radau(name, P, time, strain, tol):
-    rates = np.diff(strain) / np.diff(time)
-    y = np.zeros(3 if name == "chaboche" else 2)
-    out = [y[0]]
-    k = 0
-    while k < len(rates):
-        j = k
-        while j + 1 < len(rates) and abs(rates[j + 1] - rates[k]) <= 1e-9 * abs(rates[k]):
-            j += 1
-        sol = solve_ivp(_contract_rhs(name, P, rates[k]), (time[k], time[j + 1]), y,
-                        method="Radau", t_eval=time[k + 1 : j + 2], rtol=tol, atol=tol)
-        assert sol.success, sol.message
-        out.extend(sol.y[0])
-        y = sol.y[:, -1].copy()
-        k = j + 1
-    return np.array(out)
 
 
 def rms(a):

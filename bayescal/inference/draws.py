@@ -74,7 +74,7 @@ def posterior_draws(h: Hierarchy, latents: dict[str, torch.Tensor],
     per_piece = max(1, max_batch // h.experiments.n_specimens)
     params, stresses, failed = [], [], 0
     for start in range(0, solve_n, per_piece):
-        piece = {k: v[start:start + per_piece] for k, v in latents.items()}
+        piece = {k: v[start:min(start + per_piece, solve_n)] for k, v in latents.items()}
         values, stress = h.predict(piece)
         params.append(values)
         stresses.append(stress)
