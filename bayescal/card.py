@@ -20,6 +20,12 @@ from bayescal.simulate import SolverOptions
 VARIES = ("specimen", "shared")
 BACKENDS = ("builtin", "neml2")
 _TABLES = ("model", "solver", "parameters", "noise")
+#: Largest accepted ``[solver]`` tolerances. Newton stops once the residual's norm falls
+#: below ``atol`` (MPa, the residual is a stress-rate balance per step) or by the factor
+#: ``rtol``: looser values let an unconverged state, even all zeros, pass as a solution
+#: (``atol = 1e8`` made every stress zero), and the fit then sees nothing of the data.
+MAX_RTOL = 1e-3
+MAX_ATOL = 1e-2
 
 
 @dataclass(frozen=True)
@@ -142,8 +148,8 @@ def parse_card(text: str, path: str | os.PathLike) -> ModelSpec:
             n_chunk=solver.integer("n_chunk", defaults.n_chunk),
             substeps=solver.integer("substeps", defaults.substeps),
             transient_substeps=solver.integer("transient_substeps", defaults.transient_substeps),
-            rtol=solver.positive("rtol", defaults.rtol),
-            atol=solver.positive("atol", defaults.atol),
+            rtol=solver.tolerance("rtol", defaults.rtol, MAX_RTOL),
+            atol=solver.tolerance("atol", defaults.atol, MAX_ATOL),
         ),
         parameters=specs,
         path=path,
@@ -296,6 +302,13 @@ class _Table:
         value = self.number(key, default)
         if not value > 0:
             raise self.error(f"{key} must be positive, got {value!r}")
+        return value
+
+    def tolerance(self, key: str, default: float, limit: float) -> float:
+        value = self.positive(key, default)
+        if value > limit:
+            raise self.error(f"{key} must be at most {limit:g}, got {value!r} (a looser "
+                             "tolerance accepts unconverged solutions)")
         return value
 
     def boolean(self, key: str, default: bool) -> bool:
