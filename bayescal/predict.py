@@ -133,7 +133,7 @@ def check_posterior(idata: az.InferenceData, spec: ModelSpec, where: str) -> Non
         bad = ~np.isfinite(values) | (values < low) | (values > high) | (strict & (values <= low))
         if bad.any():
             raise BadInput(f"{where}: posterior variable {name} has a value "
-                           f"{values[bad].flat[0]!r} that is not a finite number {what}")
+                           f"{float(values[bad].flat[0])!r} that is not a finite number {what}")
 
 
 def load_for_prediction(posterior: str | Path, card: str | Path | None = None
