@@ -338,3 +338,22 @@ def test_a_good_posterior_still_predicts(capsys, files, tmp_path):
     assert code == 0, err
     assert not (out / LOCK_NAME).exists()
     assert (out / "predictions.nc").stat().st_mode & 0o777 == file_mode()
+
+
+def test_a_neml2_input_file_must_sit_under_its_cards_folder(tmp_path):
+    from bayescal.neml2_backend import input_file
+
+    (tmp_path / "cards" / "inputs").mkdir(parents=True)
+    card = tmp_path / "cards" / "card.toml"
+    (tmp_path / "cards" / "inputs" / "model.i").write_text("")
+    (tmp_path / "outside.i").write_text("")
+    (tmp_path / "cards" / "link.i").symlink_to(tmp_path / "outside.i")
+    assert input_file(card, "inputs/model.i", "c: [model]") == card.parent / "inputs" / "model.i"
+    for name in ("../outside.i", str(tmp_path / "outside.i"), "link.i", "/etc/passwd"):
+        with pytest.raises(BadInput, match=f"c: \\[model\\] file '{name}' is outside the card's "
+                                            "folder"):
+            input_file(card, name, "c: [model]")
+    with pytest.raises(BadInput, match="c: \\[model\\] file 'inputs' is not a regular file"):
+        input_file(card, "inputs", "c: [model]")
+    with pytest.raises(BadInput, match="c: \\[model\\] file 'none.i' not found"):
+        input_file(card, "none.i", "c: [model]")
