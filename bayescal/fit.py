@@ -27,7 +27,7 @@ from bayescal.inference.draws import (posterior_draws, predictive_and_loglik, sa
                                       unpack_draws)
 from bayescal.inference.nuts import NUTSConfig, run_nuts
 from bayescal.inference.svi import Packing, SVIConfig, initial_values, run_svi
-from bayescal.output import FolderLock, prepare_output_folder
+from bayescal.output import FolderLock
 
 METHODS = ("map", "laplace", "svi", "nuts")
 
@@ -236,7 +236,7 @@ def fit_to_directory(spec: ModelSpec, experiments: Experiments, out: Path, *,
                      figures: bool = True, **kwargs) -> az.InferenceData:
     """:func:`fit`, then write ``out/posterior.nc`` (atomically) and figures into ``out``,
     holding the folder's lock (:class:`~bayescal.output.FolderLock`) throughout."""
-    out = prepare_output_folder(out)
+    out = Path(out)
     with FolderLock(out):
         idata = fit(spec, experiments, checkpoint=out / "checkpoint.pt", **kwargs)
         write_netcdf(idata, out / "posterior.nc")

@@ -102,17 +102,29 @@ def _alive(pid: int) -> bool:
 
 class FolderLock:
     """Holds ``folder/.bayescal.lock`` (this process's pid and host) while a run writes the
-    folder. A second run meets the lock and gets a :class:`BadInput` naming the holder; a lock
-    left by a process of this host that no longer runs is taken over. Use as a context
-    manager; the lock file is removed on leaving."""
+    folder, which is created if missing (:func:`prepare_output_folder`). A second run meets
+    the lock and gets a :class:`BadInput` naming the holder; a lock left by a process of this
+    host that no longer runs is taken over. Use as a context manager; on leaving, the lock
+    file is removed, and so are the folders it created if the run left them empty (a failed
+    run leaves nothing behind)."""
 
     def __init__(self, folder: str | os.PathLike, option: str = "--out") -> None:
         self.folder = Path(folder)
         self.path = self.folder / LOCK_NAME
         self.option = option
         self.held = False
+        self.created: list[Path] = []
 
     def __enter__(self) -> FolderLock:
+        self.created = [p for p in (self.folder, *self.folder.parents) if not p.exists()]
+        prepare_output_folder(self.folder, self.option)
+        try:
+            return self._take()
+        except BaseException:
+            self._remove_created()
+            raise
+
+    def _take(self) -> FolderLock:
         host = socket.gethostname()
         for _ in range(3):
             try:
@@ -147,6 +159,15 @@ class FolderLock:
         if self.held:
             self.path.unlink(missing_ok=True)
             self.held = False
+        self._remove_created()
+
+    def _remove_created(self) -> None:
+        for folder in self.created:  # innermost first
+            try:
+                folder.rmdir()
+            except OSError:  # not empty: the run wrote something
+                break
+        self.created = []
 
     def _fields(self) -> dict[str, str]:
         try:

@@ -332,9 +332,9 @@ def predict_to_directory(idata: az.InferenceData, load: Experiments, out: Path, 
     ``out`` (each atomically; no file is written if the prediction fails), holding the
     folder's lock (:class:`~bayescal.output.FolderLock`) throughout."""
     from bayescal.export import write_netcdf
-    from bayescal.output import FolderLock, prepare_output_folder
+    from bayescal.output import FolderLock
 
-    out = prepare_output_folder(out)
+    out = Path(out)
     with FolderLock(out):
         prediction = predict(idata, load, **kwargs)
         meta = {**attrs, "kind": "fitted" if prediction.fitted else "population",

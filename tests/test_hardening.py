@@ -357,3 +357,15 @@ def test_a_neml2_input_file_must_sit_under_its_cards_folder(tmp_path):
         input_file(card, "inputs", "c: [model]")
     with pytest.raises(BadInput, match="c: \\[model\\] file 'none.i' not found"):
         input_file(card, "none.i", "c: [model]")
+
+
+def test_a_failed_run_leaves_no_folder_behind(tmp_path):
+    out = tmp_path / "new" / "out"
+    with pytest.raises(RuntimeError):
+        with FolderLock(out):
+            assert (out / LOCK_NAME).is_file()
+            raise RuntimeError("failed")
+    assert not (tmp_path / "new").exists()
+    with FolderLock(out):
+        (out / "result.csv").write_text("")
+    assert sorted(p.name for p in out.iterdir()) == ["result.csv"]
