@@ -52,12 +52,15 @@ def _digest(parts) -> str:
     return sha.hexdigest()
 
 
+def input_file_digest(spec: ModelSpec) -> str:
+    """SHA-256 of a NEML2 card's input file ('' for a built-in model): stored with the fit,
+    so that a card rebuilt from the posterior uses its input file only while unchanged."""
+    return "" if spec.file is None else hashlib.sha256(Path(spec.file).read_bytes()).hexdigest()
+
+
 def card_digest(spec: ModelSpec) -> str:
     """Hash of the card's text and, for a NEML2 card, of its input file's content."""
-    parts = [spec.text.encode("utf-8")]
-    if spec.file is not None:
-        parts.append(Path(spec.file).read_bytes())
-    return _digest(parts)
+    return _digest([spec.text.encode("utf-8"), input_file_digest(spec).encode("ascii")])
 
 
 def data_digest(experiments: Experiments) -> str:
@@ -206,6 +209,7 @@ def fit(spec: ModelSpec, experiments: Experiments, method: str = "svi",
         "model": spec.model,
         "card": str(spec.path),
         "card_toml": spec.text,
+        "card_file_sha256": input_file_digest(spec),
         "data": experiments.source,
         "n_chunk": h.options.n_chunk,
         "substeps": h.options.substeps,

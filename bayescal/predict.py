@@ -16,7 +16,9 @@ batched solve (split into pieces of at most ``max_batch`` paths), never one solv
 
 from __future__ import annotations
 
+import hashlib
 import math
+import stat
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,9 +63,11 @@ class Prediction:
 def card_of(idata: az.InferenceData, card: str | Path | None = None) -> ModelSpec:
     """The model card of a fit: ``card`` if given, else the card text stored with the fit.
 
-    A stored card is validated like any card file. A stored NEML2 card names an input file
-    by a path relative to its card file, so it is used only while that card file still
-    exists with the stored text: a crafted posterior cannot point bayescal at other files.
+    A stored card is validated like any card file. A stored NEML2 card names its input file
+    relative to the card's recorded folder; it is used only when a regular file there has
+    the content recorded at the fit (``card_file_sha256``), checked before anything else
+    looks at it, so that a crafted posterior cannot make bayescal open, or tell whether
+    there is, a file of its choosing.
     """
     if card is not None:
         return load_card(card)
@@ -73,24 +77,36 @@ def card_of(idata: az.InferenceData, card: str | Path | None = None) -> ModelSpe
     if not text:
         raise BadInput("the posterior does not hold its model card (fitted by an older "
                        "bayescal?): give it with --card")
-    if _names_a_file(text):
-        try:
-            same = Path(path).is_file() and Path(path).read_bytes() == text.encode("utf-8")
-        except OSError:
-            same = False
-        if not same:
-            raise BadInput(f"the posterior's NEML2 card {path} is missing or has changed since "
-                           "the fit (its input file is found from it): give the card with --card")
+    file = _input_file_of(text)
+    if file is not None and not _unchanged(Path(path).parent / file,
+                                           str(attrs.get("card_file_sha256", ""))):
+        raise BadInput(f"the NEML2 input file of the posterior's card {path} is missing or has "
+                       "changed since the fit: give the card with --card")
     return parse_card(text, path)
 
 
-def _names_a_file(text: str) -> bool:
-    """Whether card text (valid TOML or not) sets ``[model] file``."""
+#: Largest NEML2 input file compared with its recorded hash (bytes).
+_MAX_INPUT_FILE = 64 << 20
+
+
+def _input_file_of(text: str) -> str | None:
+    """``[model] file`` of card text (valid TOML or not; None when absent)."""
     try:
         model = tomllib.loads(text).get("model", {})
     except tomllib.TOMLDecodeError:
+        return None
+    file = model.get("file") if isinstance(model, dict) else None
+    return str(file) if file is not None else None
+
+
+def _unchanged(path: Path, sha256: str) -> bool:
+    """Whether ``path`` is a regular file (of sensible size) whose content has ``sha256``."""
+    try:
+        info = path.stat()
+        return (bool(sha256) and stat.S_ISREG(info.st_mode) and info.st_size <= _MAX_INPUT_FILE
+                and hashlib.sha256(path.read_bytes()).hexdigest() == sha256)
+    except (OSError, ValueError):
         return False
-    return isinstance(model, dict) and "file" in model
 
 
 def check_posterior(idata: az.InferenceData, spec: ModelSpec, where: str) -> None:

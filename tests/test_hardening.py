@@ -79,6 +79,9 @@ def files(tmp_path_factory):
     f["neml2_post"] = crafted("neml2.nc", lambda p: p.attrs.update(
         card="/nonexistent/card.toml",
         card_toml='[model]\nbackend = "neml2"\nfile = "../etc/passwd"\n'))
+    f["neml2_other_post"] = crafted("neml2-other.nc", lambda p: p.attrs.update(
+        card="/etc/card.toml", card_file_sha256="0" * 64,
+        card_toml='[model]\nbackend = "neml2"\nfile = "passwd"\n'))
 
     # checkpoints: truncated, garbage
     saved = (f["fit"] / "checkpoint.pt").read_bytes()
@@ -159,8 +162,11 @@ BAD_INPUT = [
      "{out_post}: posterior variable eta has a value 1000000.0 that is not a finite number "
      "inside the bounds [10, 2000]"),
     ("predict-neml2-card-elsewhere", "predict {neml2_post} --load {load} --out {tmp}/p", 2,
-     "the posterior's NEML2 card /nonexistent/card.toml is missing or has changed since the fit "
-     "(its input file is found from it): give the card with --card"),
+     "the NEML2 input file of the posterior's card /nonexistent/card.toml is missing or has "
+     "changed since the fit: give the card with --card"),
+    ("predict-neml2-input-other-file", "predict {neml2_other_post} --load {load} --out {tmp}/p",
+     2, "the NEML2 input file of the posterior's card /etc/card.toml is missing or has "
+     "changed since the fit: give the card with --card"),
     ("predict-seed-negative", PREDICT + " --seed -1 --out {tmp}/p", 2,
      "--seed must be an integer from 0 to 4294967295, got -1"),
     ("import-400-digit-state", "import matcal {matcal} --out {tmp}/m.csv", 2,
