@@ -2,7 +2,10 @@
 
 import sys
 
-from bayescal.cli import main
-
 if __name__ == "__main__":
+    try:
+        from bayescal.cli import main
+    except KeyboardInterrupt:  # Ctrl-C while Python is still importing the command line
+        print("bayescal: error: interrupted", file=sys.stderr)
+        sys.exit(130)
     sys.exit(main())

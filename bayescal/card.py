@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from bayescal.data import check_input_file
 from bayescal.errors import BadInput
 from bayescal.material import MODELS, Integrable, get_model
 from bayescal.schemes import SCHEMES
@@ -21,6 +22,12 @@ from bayescal.simulate import SolverOptions
 VARIES = ("specimen", "shared")
 BACKENDS = ("builtin", "neml2")
 _TABLES = ("model", "solver", "parameters", "noise")
+#: Largest accepted ``[solver]`` tolerances. Newton stops once the residual's norm falls
+#: below ``atol`` (MPa, the residual is a stress-rate balance per step) or by the factor
+#: ``rtol``: looser values let an unconverged state, even all zeros, pass as a solution
+#: (``atol = 1e8`` made every stress zero), and the fit then sees nothing of the data.
+MAX_RTOL = 1e-3
+MAX_ATOL = 1e-2
 
 
 @dataclass(frozen=True)
@@ -82,9 +89,14 @@ class ModelSpec:
         return tuple(n for n, p in self.parameters.items() if p.is_fixed)
 
 
+#: A model card is a few kB; anything far larger is not one.
+MAX_CARD_BYTES = 1 << 20
+
+
 def load_card(path: str | os.PathLike) -> ModelSpec:
     """Read and validate a model card."""
     path = Path(path)
+    check_input_file(path, limit=MAX_CARD_BYTES)
     try:
         text = path.read_bytes().decode("utf-8")
     except FileNotFoundError:
@@ -160,8 +172,8 @@ def parse_card(text: str, path: str | os.PathLike) -> ModelSpec:
             tolerance=solver.positive("tolerance", defaults.tolerance),
             substeps=substeps,
             transient_substeps=transient_substeps,
-            rtol=solver.positive("rtol", defaults.rtol),
-            atol=solver.positive("atol", defaults.atol),
+            rtol=solver.tolerance("rtol", defaults.rtol, MAX_RTOL),
+            atol=solver.tolerance("atol", defaults.atol, MAX_ATOL),
         ),
         parameters=specs,
         path=path,
@@ -215,9 +227,9 @@ def _neml2(model: _Table, parameters: _Table) -> tuple[str, Path, str, tuple[str
     file = model.string("file")
     if file is None:
         raise model.error("backend = 'neml2' needs file (the NEML2 input file)")
-    resolved = model.path.parent / file
-    if not resolved.is_file():
-        raise model.error(f"file {file!r} not found (looked for {resolved})")
+    from bayescal.neml2_backend import input_file
+
+    resolved = input_file(model.path, file, f"{model.path}: [model]")
     return "neml2", resolved, model.string("system", "eq_sys"), tuple(parameters.data)
 
 
@@ -314,6 +326,13 @@ class _Table:
         value = self.number(key, default)
         if not value > 0:
             raise self.error(f"{key} must be positive, got {value!r}")
+        return value
+
+    def tolerance(self, key: str, default: float, limit: float) -> float:
+        value = self.positive(key, default)
+        if value > limit:
+            raise self.error(f"{key} must be at most {limit:g}, got {value!r} (a looser "
+                             "tolerance accepts unconverged solutions)")
         return value
 
     def boolean(self, key: str, default: bool) -> bool:

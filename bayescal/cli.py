@@ -7,21 +7,27 @@ before or after the command name.
 
 Exit status: 0 success, 1 a failed check or an unexpected error (one line, and a hint to rerun
 with ``--debug`` for the traceback), 2 bad input (:class:`~bayescal.errors.BadInput`: one line,
-no traceback) or a usage error.
+no traceback) or a usage error, 130 an interrupt (Ctrl-C, one line) at any moment.
+
+Building the parser imports nothing heavy (no torch): ``bayescal --help`` answers at once.
+Commands whose options need the library (``fit``, ``import``) declare them lazily
+(:class:`_LazyParser`), only when that command is parsed or its help is shown.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import shlex
 import sys
+import warnings
 from typing import Callable, Sequence
 
-import torch
-
-from bayescal.errors import BadInput
+from bayescal.errors import BadInput, BayescalWarning
 
 PROG = "bayescal"
+#: Largest --seed: the seeding of numpy's legacy generator (through Pyro) takes 32 bits.
+SEED_MAX = 2**32 - 1
 
 
 # ---------------------------------------------------------------------------- common options
@@ -35,21 +41,57 @@ def _common_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
     group.add_argument("--device", choices=("cpu", "cuda"), default=default("cpu"),
                        help="where tensors are computed (default: cpu)")
     group.add_argument("--threads", type=int, metavar="N", default=default(1),
-                       help="torch intra-op threads (default: 1; small-tensor work is "
+                       help="compute threads per process (default: 1; small-tensor work is "
                             "slower with more)")
     group.add_argument("--debug", action="store_true", default=default(False),
                        help="show the full traceback of an unexpected error")
 
 
-def _command(subparsers, name: str, help: str, description: str | None = None
+class _LazyParser(argparse.ArgumentParser):
+    """A subcommand parser whose own options are declared by ``declare(parser)`` only when it
+    is used (parsed, or its help shown), so that the top-level parser needs no imports."""
+
+    declare: Callable[[argparse.ArgumentParser], None] | None = None
+
+    def _declared(self) -> None:
+        declare, self.declare = self.declare, None
+        if declare is not None:
+            declare(self)
+
+    def parse_known_args(self, args=None, namespace=None):
+        self._declared()
+        return super().parse_known_args(args, namespace)
+
+    def format_help(self) -> str:
+        self._declared()
+        return super().format_help()
+
+    def format_usage(self) -> str:
+        self._declared()
+        return super().format_usage()
+
+
+def _command(subparsers, name: str, help: str, description: str | None = None,
+             declare: Callable[[argparse.ArgumentParser], None] | None = None
              ) -> argparse.ArgumentParser:
-    """A subcommand parser carrying the common options."""
-    parser = subparsers.add_parser(name, help=help, description=description or help)
+    """A subcommand parser carrying the common options; ``declare(parser)``, if given, adds
+    the command's own options when they are first needed. ``help`` is plain text (argparse
+    %-formats it: a literal % is escaped here)."""
+    parser = subparsers.add_parser(name, help=help.replace("%", "%%"),
+                                   description=description or help)
     _common_options(parser, suppress=True)
+    parser.declare = declare
     return parser
 
 
-def _device(args: argparse.Namespace) -> torch.device:
+def _check_seed(seed: int) -> None:
+    if not 0 <= seed <= SEED_MAX:
+        raise BadInput(f"--seed must be an integer from 0 to {SEED_MAX}, got {seed}")
+
+
+def _device(args: argparse.Namespace):
+    import torch
+
     if args.device == "cuda" and not torch.cuda.is_available():
         raise BadInput("--device cuda: CUDA is not available on this machine (use --device cpu)")
     return torch.device(args.device)
@@ -142,6 +184,7 @@ def _run_simulate(args: argparse.Namespace) -> int:
     )
 
     device = _device(args)
+    _check_seed(args.seed)
     output_paths(args.out)
     spec = load_card(args.card)
     load = read_simulation_load(args.load, args.specimens)
@@ -157,17 +200,20 @@ def _run_simulate(args: argparse.Namespace) -> int:
 
 
 def _add_fit(subparsers) -> argparse.ArgumentParser:
+    return _command(
+        subparsers, "fit", "calibrate a card's hierarchical model against data",
+        "Fit the population, each specimen's parameters and the noise. MAP (damped Newton) and a "
+        "Laplace approximation always come first; --method svi then refines the chosen guide, "
+        "--method nuts samples the posterior from there. "
+        "Writes DIR/posterior.nc (ArviZ InferenceData), checkpoints and figures.", _fit_options)
+
+
+def _fit_options(parser: argparse.ArgumentParser) -> None:
     from bayescal.fit import METHODS
     from bayescal.inference.nuts import INITS, NUTSConfig
     from bayescal.inference.svi import GUIDES, SVIConfig
 
     defaults, sampler = SVIConfig(), NUTSConfig()
-    parser = _command(
-        subparsers, "fit", "calibrate a card's hierarchical model against data",
-        "Fit the population, each specimen's parameters and the noise. MAP (damped Newton) and a "
-        "Laplace approximation always come first; --method svi then refines the chosen guide, "
-        "--method nuts samples the posterior from there. "
-        "Writes DIR/posterior.nc (ArviZ InferenceData), checkpoints and figures.")
     parser.add_argument("card", metavar="CARD", help="model card (TOML)")
     parser.add_argument("--data", metavar="DATA.csv", required=True, help="test data (long CSV)")
     parser.add_argument("--method", choices=METHODS, default="svi",
@@ -191,7 +237,8 @@ def _add_fit(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--centered", action="store_true",
                         help="centered parameterisation of the specimen level")
     parser.add_argument("--resume", action="store_true",
-                        help="continue from DIR/checkpoint.pt when it exists")
+                        help="continue from DIR/checkpoint.pt when it exists (it must come "
+                             "from a run with the same card, data, method, guide and seed)")
     parser.add_argument("--compile", action="store_true",
                         help="compile a NEML2 model with neml2.compile: minutes per new shape, "
                              "then faster per step; pays off for long SVI runs (docs/neml2.md)")
@@ -216,18 +263,17 @@ def _add_fit(subparsers) -> argparse.ArgumentParser:
                             "(default: diagonal)")
     parser.add_argument("--no-figures", action="store_true", help="skip the figures")
     parser.add_argument("--out", metavar="DIR", required=True, help="output directory")
-    return parser
 
 
 def _run_fit(args: argparse.Namespace) -> int:
     import dataclasses
-    from pathlib import Path
 
     from bayescal.card import load_card
     from bayescal.data import read_experiments
     from bayescal.fit import fit_to_directory
     from bayescal.inference.nuts import NUTSConfig
     from bayescal.inference.svi import SVIConfig
+    from bayescal.output import prepare_output_folder
 
     _device(args)
     for option in ("steps", "particles", "draws", "chains", "samples", "max_tree_depth"):
@@ -241,15 +287,14 @@ def _run_fit(args: argparse.Namespace) -> int:
     if args.method == "nuts" and args.guide not in (None, "mvn"):
         raise BadInput(f"--method nuts takes no --guide {args.guide} (it starts from the "
                        "full-rank Laplace or SVI approximation)")
-    if not args.lr > 0:
-        raise BadInput(f"--lr must be positive, got {args.lr}")
+    if not (args.lr > 0 and math.isfinite(args.lr)):
+        raise BadInput(f"--lr must be a positive finite number, got {args.lr}")
+    _check_seed(args.seed)
     if args.method == "map" and args.guide not in (None, "delta"):
         raise BadInput(f"--method map takes no --guide {args.guide} (MAP is the delta guide)")
     if args.method == "laplace" and args.guide == "delta":
         raise BadInput("--method laplace needs a Gaussian --guide (normal, lowrank or mvn)")
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise BadInput(f"--out {out}: exists and is not a directory")
+    out = prepare_output_folder(args.out, create=False)
     spec = load_card(args.card)
     if args.compile:
         if spec.backend != "neml2":
@@ -278,8 +323,6 @@ def _run_fit(args: argparse.Namespace) -> int:
     print(f"integration: {attrs['scheme']}, {attrs['integration_steps']} steps, estimated "
           f"error at the {attrs['integration_error_at']} {attrs['integration_error_rms']:.2g} MPa "
           f"rms, {attrs['integration_error_max']:.2g} MPa at worst")
-    for warning in str(attrs.get("warnings", "")).splitlines():
-        print(f"{PROG}: warning: {warning}", file=sys.stderr)
     return 0
 
 
@@ -305,14 +348,18 @@ def _run_summary(args: argparse.Namespace) -> int:
 
 
 def _add_import(subparsers) -> argparse.ArgumentParser:
-    from bayescal.importers import STRESS_UNITS
-
-    parser = _command(
+    return _command(
         subparsers, "import", "convert a folder of test files to the data CSV",
         "Read a folder of MatCal-style tension test files (line 1 a Python dict of state "
         "values, then a header with time, engineering_strain and engineering_stress), drop "
         "pre-load points, trim each curve at its maximum engineering stress, convert to true "
-        "strain and true stress in MPa (temperature Rankine to K) and write the data CSV.")
+        "strain and true stress in MPa (temperature Rankine to K) and write the data CSV.",
+        _import_options)
+
+
+def _import_options(parser: argparse.ArgumentParser) -> None:
+    from bayescal.importers import STRESS_UNITS
+
     parser.add_argument("format", choices=("matcal",), metavar="FORMAT",
                         help="test file format: matcal")
     parser.add_argument("directory", metavar="DIR", help="folder of test files, one a specimen")
@@ -325,7 +372,6 @@ def _add_import(subparsers) -> argparse.ArgumentParser:
                         help="keep the points after the maximum engineering stress")
     parser.add_argument("--glob", metavar="PATTERN", default="*.csv",
                         help="which files of DIR to read (default: *.csv)")
-    return parser
 
 
 def _run_import(args: argparse.Namespace) -> int:
@@ -403,18 +449,14 @@ def _add_predict(subparsers) -> argparse.ArgumentParser:
 
 
 def _run_predict(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from bayescal.data import has_specimen_column, read_load_path
     from bayescal.fit import package_versions
-    from bayescal.predict import card_of, predict_to_directory
-    from bayescal.summary import load_posterior
+    from bayescal.output import prepare_output_folder
+    from bayescal.predict import load_for_prediction, predict_to_directory
 
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise BadInput(f"--out {out}: exists and is not a directory")
-    idata = load_posterior(args.posterior)
-    spec = card_of(idata, args.card)
+    _check_seed(args.seed)
+    out = prepare_output_folder(args.out, create=False)
+    idata, spec = load_for_prediction(args.posterior, args.card)
     fitted = [str(s) for s in idata.posterior["specimen"].values] if "specimen" in \
         idata.posterior.dims else []
     load = read_load_path(args.load)
@@ -456,7 +498,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG, description="Hierarchical Bayesian calibration of viscoplastic material "
                                "models against time-history test data.")
     _common_options(parser, suppress=False)
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True,
+                                       parser_class=_LazyParser)
     for name, (add, run) in COMMANDS.items():
         command = add(subparsers)
         if subparsers.choices.get(name) is not command:
@@ -469,7 +512,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit status."""
+    """Run the command line; returns the exit status. An interrupt at any moment (while the
+    parser imports the library, too) is exit status 130 with one line."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", BayescalWarning)
+        shown = warnings.showwarning
+        warnings.showwarning = lambda message, category, *rest, **kw: (
+            _warning(str(message)) if issubclass(category, BayescalWarning)
+            else shown(message, category, *rest, **kw))
+        try:
+            return _main(argv)
+        except KeyboardInterrupt:
+            _error("interrupted")
+            return 130
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -477,6 +535,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else 2
     args.command_line = shlex.join([PROG, *(sys.argv[1:] if argv is None else argv)])
     try:
+        import torch
+
         torch.set_default_dtype(torch.float64)
         if args.threads < 1:
             raise BadInput(f"--threads must be at least 1, got {args.threads}")
@@ -486,9 +546,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BadInput as exc:
         _error(str(exc))
         return 2
-    except KeyboardInterrupt:
-        _error("interrupted")
-        return 130
     except Exception as exc:
         if args.debug:
             raise
@@ -498,8 +555,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _error(message: str) -> None:
     """One line on stderr."""
-    line = " ".join(part.strip() for part in message.splitlines() if part.strip())
-    print(f"{PROG}: error: {line}", file=sys.stderr)
+    print(f"{PROG}: error: {_one_line(message)}", file=sys.stderr)
+
+
+def _warning(message: str) -> None:
+    """A :class:`~bayescal.errors.BayescalWarning` as one line on stderr."""
+    print(f"{PROG}: warning: {_one_line(message)}", file=sys.stderr)
+
+
+def _one_line(message: str) -> str:
+    return " ".join(part.strip() for part in message.splitlines() if part.strip())
 
 
 def _print_table(rows: list[tuple[str, ...]]) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import csv
 import math
 import os
-import tempfile
+import stat
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
@@ -19,8 +19,15 @@ from typing import Iterable, Iterator, Sequence
 import torch
 
 from bayescal.errors import BadInput
+from bayescal.output import fill_temporary, write_atomically
 
 DTYPE = torch.float64
+#: Largest data or load file read (bytes): ten million points of a few columns. A bigger file
+#: is refused before it is read, rather than filling the memory.
+MAX_FILE_BYTES = 1 << 30
+#: Largest stress magnitude accepted (MPa): no engineering material comes near it, but stress
+#: given in Pa (a factor 1e6) does, and such numbers overflow the fit.
+MAX_STRESS = 1e5
 _NUMERIC = ("time", "strain", "stress", "temperature")
 _RESERVED = ("specimen",) + _NUMERIC
 
@@ -161,33 +168,19 @@ def write_experiments(experiments: Experiments, path: str | os.PathLike) -> None
 
 
 def write_table(path: str | os.PathLike, header: Sequence[str], rows: Iterable) -> None:
-    """Write a CSV table atomically: a temporary file in the same folder renamed over ``path``,
-    so that an interrupted write never leaves a half-written or missing file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    """Write a CSV table atomically (:func:`bayescal.output.write_atomically`), so that an
+    interrupted write never leaves a half-written or missing file."""
 
     def write(f) -> None:
         writer = csv.writer(f)
         writer.writerow(header)
         writer.writerows(rows)
 
-    replace_from_temporary(fd, tmp, path, write, "w", newline="", encoding="utf-8")
+    write_atomically(path, write, "w", newline="", encoding="utf-8")
 
 
-def replace_from_temporary(fd: int, tmp: str, path: Path, write, mode: str, **open_kwargs) -> None:
-    """Fill the temporary file ``tmp`` (open descriptor ``fd``) with ``write(file)``, give it the
-    usual permissions and rename it over ``path``; on any failure remove it, leaving ``path``
-    as it was."""
-    try:
-        with os.fdopen(fd, mode, **open_kwargs) as f:
-            write(f)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+#: Kept for callers that open their own temporary file: :func:`bayescal.output.fill_temporary`.
+replace_from_temporary = fill_temporary
 
 
 # ----------------------------------------------------------------------------- reading
@@ -222,8 +215,25 @@ def _error(path: Path, message: str, line: int | None = None, specimen: str | No
     return BadInput(f"{where}: {message}")
 
 
+def check_input_file(path: Path, limit: int = MAX_FILE_BYTES) -> None:
+    """A :class:`BadInput` unless ``path`` is a regular file of at most ``limit`` bytes:
+    a device (``/dev/zero``) or a pipe would be read without end."""
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        raise BadInput(f"{path}: file not found") from None
+    except OSError as exc:
+        raise BadInput(f"{path}: cannot read: {exc.strerror or exc}") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise BadInput(f"{path}: not a regular file")
+    if info.st_size > limit:
+        raise BadInput(f"{path}: {info.st_size} bytes is more than the {limit} bytes a data "
+                       "file may have")
+
+
 def _read_rows(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
     """The header and the non-blank rows, each with its line number, of a CSV file."""
+    check_input_file(path)
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
             reader = csv.reader(f)
@@ -297,6 +307,9 @@ def _read_table(path: Path, required: tuple[str, ...], ignored: tuple[str, ...] 
             value = _number(row[column[name]])
             if value is None:
                 raise _error(path, f"{name} {row[column[name]]!r} is not a finite number", line, shown)
+            if name == "stress" and abs(value) > MAX_STRESS:
+                raise _error(path, f"stress {row[column[name]]!r} is beyond {MAX_STRESS:g} "
+                                   "MPa (stress must be in MPa; Pa or psi?)", line, shown)
             current.columns[name].append(value)
         times = current.columns["time"]
         if len(times) > 1 and times[-1] <= times[-2]:

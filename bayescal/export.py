@@ -10,14 +10,14 @@ Built from plain arrays: this module knows no solver or Pyro internals.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Mapping
 
 import arviz as az
 import numpy as np
 import xarray as xr
+
+from bayescal.output import write_atomically_by_name
 
 
 def _chains(value, chains: bool) -> np.ndarray:
@@ -95,14 +95,8 @@ def _netcdf_attrs(attrs: Mapping[str, object]) -> dict:
 
 
 def write_netcdf(idata: az.InferenceData, path: Path) -> None:
-    """Write ``idata`` to ``path`` atomically: a failed write leaves any earlier file intact."""
+    """Write ``idata`` to ``path`` atomically (:func:`bayescal.output.write_atomically_by_name`):
+    a failed write leaves any earlier file intact."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        idata.to_netcdf(tmp, engine="h5netcdf")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomically_by_name(path, lambda tmp: idata.to_netcdf(tmp, engine="h5netcdf"))

@@ -7,7 +7,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
+import warnings
 from dataclasses import asdict
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -18,12 +20,14 @@ import torch
 
 from bayescal.card import ModelSpec
 from bayescal.data import Experiments
+from bayescal.errors import BayescalWarning
 from bayescal.export import build_inference_data, write_netcdf
 from bayescal.hierarchy import Hierarchy
 from bayescal.inference.draws import (posterior_draws, predictive_and_loglik, sample_guide,
                                       unpack_draws)
 from bayescal.inference.nuts import NUTSConfig, run_nuts
 from bayescal.inference.svi import Packing, SVIConfig, initial_values, run_svi
+from bayescal.output import FolderLock
 from bayescal.simulate import estimate_error
 
 METHODS = ("map", "laplace", "svi", "nuts")
@@ -38,6 +42,89 @@ def package_versions() -> str:
         except PackageNotFoundError:
             parts.append(f"{name}=?")
     return " ".join(parts)
+
+
+def _digest(parts) -> str:
+    """SHA-256 of a sequence of byte strings, each length-prefixed (so that no two different
+    sequences give the same stream)."""
+    sha = hashlib.sha256()
+    for part in parts:
+        sha.update(len(part).to_bytes(8, "little") + part)
+    return sha.hexdigest()
+
+
+def input_file_digest(spec: ModelSpec) -> str:
+    """SHA-256 of a NEML2 card's input file ('' for a built-in model): stored with the fit,
+    so that a card rebuilt from the posterior uses its input file only while unchanged."""
+    return "" if spec.file is None else hashlib.sha256(Path(spec.file).read_bytes()).hexdigest()
+
+
+def card_digest(spec: ModelSpec) -> str:
+    """Hash of the card's text and, for a NEML2 card, of its input file's content."""
+    return _digest([spec.text.encode("utf-8"), input_file_digest(spec).encode("ascii")])
+
+
+def data_digest(experiments: Experiments) -> str:
+    """Hash of the data's content: specimen ids, every column (padding included) and labels;
+    not of its file name or formatting."""
+    tensors = (experiments.time, experiments.strain, experiments.stress, experiments.mask,
+               experiments.temperature)
+    parts = ["\0".join(experiments.specimens).encode("utf-8"),
+             repr(sorted(experiments.labels.items())).encode("utf-8")]
+    parts += [b"" if t is None else t.detach().cpu().numpy().tobytes() for t in tensors]
+    return _digest(parts)
+
+
+def run_fingerprint(spec: ModelSpec, experiments: Experiments, method: str, guide: str,
+                    seed: int, centered: bool) -> dict[str, str]:
+    """What identifies a run for ``--resume``: a checkpoint continues only the run with the
+    same card, data, method, guide, seed, parameterisation and package versions."""
+    return {"card": card_digest(spec), "data": data_digest(experiments), "method": method,
+            "guide": guide, "seed": str(seed), "centered": str(bool(centered)),
+            "versions": package_versions()}
+
+
+#: Above this |strain| the data are probably in percent (strain is a fraction).
+STRAIN_LIMIT = 1.0
+#: Above this |stress| (MPa) the data are probably in another unit: no metal comes near it.
+STRESS_LIMIT = 20_000.0
+#: A fitted noise sd above this many times the card's noise prior scale says the model does
+#: not describe the data (or the units are wrong).
+NOISE_FACTOR = 3.0
+
+
+def data_warnings(experiments: Experiments) -> list[str]:
+    """Plain-word warnings about implausible units of the data (strain in percent, stress
+    in Pa or psi)."""
+    lines = []
+    strain = float(experiments.strain[experiments.mask].abs().max())
+    if strain > STRAIN_LIMIT:
+        lines.append(f"{experiments.source}: the largest |strain| is {strain:.4g}, above "
+                     f"{STRAIN_LIMIT:g}: is strain given in percent? bayescal reads strain as "
+                     "a fraction (0.01 is 1 %)")
+    if experiments.stress is not None:
+        stress = float(experiments.stress[experiments.mask].abs().max())
+        if stress > STRESS_LIMIT:
+            lines.append(f"{experiments.source}: the largest |stress| is {stress:.4g}, above "
+                         f"{STRESS_LIMIT:,.0f} MPa: is stress given in another unit (psi)? "
+                         "bayescal reads stress in MPa")
+    return lines
+
+
+def noise_warnings(spec: ModelSpec, noise_sd: torch.Tensor) -> list[str]:
+    """A plain-word warning when the fitted noise sd is far above the card's noise prior."""
+    fitted = float(noise_sd.mean())
+    if fitted > NOISE_FACTOR * spec.noise_prior_scale:
+        return [f"the fitted noise sd is {fitted:.4g} MPa, more than {NOISE_FACTOR:g} times the "
+                f"card's [noise] prior_scale of {spec.noise_prior_scale:g} MPa: the model does "
+                "not describe the data (are strain and stress in the right units?)"]
+    return []
+
+
+def _warn(lines: list[str]) -> list[str]:
+    for line in lines:
+        warnings.warn(line, BayescalWarning, stacklevel=3)
+    return lines
 
 
 def numeric_labels(experiments: Experiments) -> dict[str, np.ndarray]:
@@ -100,6 +187,7 @@ def fit(spec: ModelSpec, experiments: Experiments, method: str = "svi",
             raise ValueError("method laplace needs a Gaussian guide (normal, lowrank or mvn)")
         config = SVIConfig(**{**asdict(config), "steps": 0})
     start = time.perf_counter()
+    notes = _warn(data_warnings(experiments))
     h = Hierarchy(spec, experiments, centered=centered)
     if method == "nuts":
         sampled = run_nuts(h, nuts, config, seed=seed, progress=progress)
@@ -124,8 +212,9 @@ def fit(spec: ModelSpec, experiments: Experiments, method: str = "svi",
         }
         sample_stats = dict(sampled.stats)
     else:
+        fingerprint = run_fingerprint(spec, experiments, method, config.guide, seed, centered)
         result = run_svi(h, config, seed=seed, checkpoint_path=checkpoint, resume=resume,
-                         progress=progress)
+                         progress=progress, fingerprint=fingerprint)
         chains = 1
         latents = sample_guide(h, result.guide, draws, seed)
         run_attrs = {
@@ -140,6 +229,7 @@ def fit(spec: ModelSpec, experiments: Experiments, method: str = "svi",
         }
         sample_stats = None
     post = posterior_draws(h, latents, unique=method == "map")
+    notes += _warn(noise_warnings(spec, post.noise_sd))
     if method == "nuts":
         at, point = "posterior mean", {k: v.mean(0) for k, v in post.parameters.items()}
     else:
@@ -147,6 +237,7 @@ def fit(spec: ModelSpec, experiments: Experiments, method: str = "svi",
         point = {k: v[0] for k, v in posterior_draws(
             h, {k: v[None] for k, v in result.map_values.items()}, unique=True).parameters.items()}
     integration = integration_report(h, point, float(post.noise_sd.mean()), at)
+    notes += _warn(integration.pop("warnings"))
     predictive, loglik = predictive_and_loglik(h, post, seed)
     variables = {**post.parameters, **post.population, "noise_sd": post.noise_sd}
     order = [n for name in spec.calibrated for n in (name, f"{name}_pop_mean", f"{name}_pop_sd")
@@ -161,6 +252,7 @@ def fit(spec: ModelSpec, experiments: Experiments, method: str = "svi",
         "model": spec.model,
         "card": str(spec.path),
         "card_toml": spec.text,
+        "card_file_sha256": input_file_digest(spec),
         "data": experiments.source,
         "n_chunk": h.options.n_chunk,
         "scheme": h.options.scheme,
@@ -168,7 +260,6 @@ def fit(spec: ModelSpec, experiments: Experiments, method: str = "svi",
         "substeps": [int(m) for m in h.substeps],
         "integration_steps": h.grid.n_steps,
         **integration,
-        "warnings": "\n".join(integration["warnings"]),
         "seed": seed,
         "draws": len(post.noise_sd),
         "centered": centered,
@@ -177,6 +268,7 @@ def fit(spec: ModelSpec, experiments: Experiments, method: str = "svi",
         "failed_draws": post.failed_draws,
         "versions": package_versions(),
         "command": command,
+        "warnings": "\n".join(notes),
     }
     return build_inference_data(
         specimens=experiments.specimens,
@@ -193,13 +285,14 @@ def fit(spec: ModelSpec, experiments: Experiments, method: str = "svi",
 
 def fit_to_directory(spec: ModelSpec, experiments: Experiments, out: Path, *,
                      figures: bool = True, **kwargs) -> az.InferenceData:
-    """:func:`fit`, then write ``out/posterior.nc`` (atomically) and figures into ``out``."""
+    """:func:`fit`, then write ``out/posterior.nc`` (atomically) and figures into ``out``,
+    holding the folder's lock (:class:`~bayescal.output.FolderLock`) throughout."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    idata = fit(spec, experiments, checkpoint=out / "checkpoint.pt", **kwargs)
-    write_netcdf(idata, out / "posterior.nc")
-    if figures:
-        from bayescal.plots import write_fit_figures
+    with FolderLock(out):
+        idata = fit(spec, experiments, checkpoint=out / "checkpoint.pt", **kwargs)
+        write_netcdf(idata, out / "posterior.nc")
+        if figures:
+            from bayescal.plots import write_fit_figures
 
-        write_fit_figures(idata, spec, out)
+            write_fit_figures(idata, spec, out)
     return idata

@@ -29,10 +29,12 @@ from pathlib import Path
 from typing import Sequence
 
 from bayescal.data import (
+    MAX_STRESS,
     Experiments,
     _assemble,
     _Specimen,
     _Table,
+    check_input_file,
     prepare_output_file,
     read_experiments,
     write_experiments,
@@ -132,6 +134,7 @@ def specimen_id(path: Path) -> str:
 
 def _lines(path: Path) -> list[tuple[int, str]]:
     """The non-blank lines of ``path`` with their line numbers."""
+    check_input_file(path)
     try:
         text = path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
@@ -169,6 +172,12 @@ def _split_state(path: Path, line: int, state: dict) -> tuple[float | None, dict
             raise _error(path, f"state key {key!r} is not a name", line)
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
             raise _error(path, f"state value {key}={value!r} is not a number or text", line)
+        if isinstance(value, int):
+            try:
+                value = float(value)
+            except OverflowError:
+                raise _error(path, f"state value {key}={_shown(value)} is too large a number",
+                             line) from None
         if isinstance(value, float) and not math.isfinite(value):
             raise _error(path, f"state value {key}={value!r} is not a finite number", line)
         if key == "temperature":
@@ -183,9 +192,15 @@ def _split_state(path: Path, line: int, state: dict) -> tuple[float | None, dict
         if name in labels:
             raise _error(path, f"state keys {origin[name]!r} and {key!r} are both the label "
                                f"{name!r}", line)
-        labels[name] = float(value) if isinstance(value, int) else value
+        labels[name] = value
         origin[name] = key
     return temperature, labels
+
+
+def _shown(value: int) -> str:
+    """A long integer as its first digits and its length."""
+    text = str(value)
+    return text if len(text) <= 20 else f"{text[:12]}... ({len(text)} digits)"
 
 
 def _header(path: Path, line: int, text: str) -> tuple[dict[str, int], int]:
@@ -261,6 +276,10 @@ def read_matcal_file(path: str | os.PathLike, stress_unit: str = "ksi",
         out_strain = tuple(true_strain(e) for e in strain[start:end])
         out_stress = tuple(scale * true_stress(s, e)
                            for s, e in zip(stress[start:end], strain[start:end]))
+    for i, value in enumerate(out_stress, start=start):
+        if not abs(value) <= MAX_STRESS:
+            raise _error(path, f"engineering_stress {stress[i]!r} {stress_unit} is beyond "
+                               f"{MAX_STRESS:g} MPa (is --stress-unit right?)", lines_[i])
     return Curve(specimen=specimen_id(path), path=path, time=time[start:end],
                  strain=tuple(out_strain), stress=out_stress, temperature=temperature,
                  labels=labels, first_line=lines_[start], n_read=len(numbers),

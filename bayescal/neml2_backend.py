@@ -69,6 +69,22 @@ def _float64():
         torch.set_default_dtype(old)
 
 
+def input_file(card: Path, file: str, where: str) -> Path:
+    """The NEML2 input file that the card ``card`` names as ``file``, resolved against the
+    card's folder: a :class:`BadInput` naming ``where`` unless it is a regular file in that
+    folder or below it (links resolved). A card, one read back from a posterior included,
+    then cannot make bayescal open, or tell whether there is, a file elsewhere."""
+    folder = card.parent.resolve()
+    path = card.parent / file
+    if not path.resolve().is_relative_to(folder):
+        raise BadInput(f"{where} file {file!r} is outside the card's folder {folder} (the "
+                       "input file must sit next to the card or below it)")
+    if not path.is_file():
+        problem = "is not a regular file" if path.exists() else "not found"
+        raise BadInput(f"{where} file {file!r} {problem} (looked for {path})")
+    return path
+
+
 def load_system(file: Path, system: str, where: str):
     """``neml2.load_nonlinear_system(file, system)`` in float64; a file NEML2 rejects is a
     :class:`BadInput` naming ``where``."""

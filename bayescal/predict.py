@@ -16,6 +16,10 @@ batched solve (split into pieces of at most ``max_batch`` paths), never one solv
 
 from __future__ import annotations
 
+import hashlib
+import math
+import stat
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,15 +61,107 @@ class Prediction:
 
 
 def card_of(idata: az.InferenceData, card: str | Path | None = None) -> ModelSpec:
-    """The model card of a fit: ``card`` if given, else the card text stored with the fit."""
+    """The model card of a fit: ``card`` if given, else the card text stored with the fit.
+
+    A stored card is validated like any card file. A stored NEML2 card names its input file
+    relative to the card's recorded folder; it is used only when a regular file there has
+    the content recorded at the fit (``card_file_sha256``), checked before anything else
+    looks at it, so that a crafted posterior cannot make bayescal open, or tell whether
+    there is, a file of its choosing.
+    """
     if card is not None:
         return load_card(card)
     attrs = idata.posterior.attrs
-    text = attrs.get("card_toml", "")
+    text = str(attrs.get("card_toml", ""))
+    path = str(attrs.get("card", "card.toml"))
     if not text:
         raise BadInput("the posterior does not hold its model card (fitted by an older "
                        "bayescal?): give it with --card")
-    return parse_card(str(text), attrs.get("card", "card.toml"))
+    file = _input_file_of(text)
+    if file is not None and not _unchanged(Path(path).parent / file,
+                                           str(attrs.get("card_file_sha256", ""))):
+        raise BadInput(f"the NEML2 input file of the posterior's card {path} is missing or has "
+                       "changed since the fit: give the card with --card")
+    return parse_card(text, path)
+
+
+#: Largest NEML2 input file compared with its recorded hash (bytes).
+_MAX_INPUT_FILE = 64 << 20
+
+
+def _input_file_of(text: str) -> str | None:
+    """``[model] file`` of card text (valid TOML or not; None when absent)."""
+    try:
+        model = tomllib.loads(text).get("model", {})
+    except tomllib.TOMLDecodeError:
+        return None
+    file = model.get("file") if isinstance(model, dict) else None
+    return str(file) if file is not None else None
+
+
+def _unchanged(path: Path, sha256: str) -> bool:
+    """Whether ``path`` is a regular file (of sensible size) whose content has ``sha256``."""
+    try:
+        info = path.stat()
+        return (bool(sha256) and stat.S_ISREG(info.st_mode) and info.st_size <= _MAX_INPUT_FILE
+                and hashlib.sha256(path.read_bytes()).hexdigest() == sha256)
+    except (OSError, ValueError):
+        return False
+
+
+def check_posterior(idata: az.InferenceData, spec: ModelSpec, where: str) -> None:
+    """A :class:`BadInput` naming ``where`` unless the posterior holds exactly the card's
+    calibrated parameters, with the card's dimensions, finite and inside the card's bounds
+    (population sd from 0 to the width of the bounds, noise sd positive)."""
+    post = idata.posterior
+    sampled = ("chain", "draw")
+    expected = {"noise_sd": sampled}
+    for name in spec.calibrated:
+        if spec.parameters[name].varies == "shared":
+            expected[name] = sampled
+        else:
+            expected.update({name: sampled + ("specimen",), f"{name}_pop_mean": sampled,
+                             f"{name}_pop_sd": sampled})
+    present = set(post.data_vars)
+    if present != set(expected):
+        missing, extra = sorted(set(expected) - present), sorted(present - set(expected))
+        detail = "; ".join(part for part in (
+            f"the card's {', '.join(missing)} not in the posterior" if missing else "",
+            f"the posterior's {', '.join(extra)} not calibrated by the card" if extra else "")
+            if part)
+        raise BadInput(f"{where}: the card {spec.path} ({spec.model}) does not match the "
+                       f"posterior: {detail}")
+    for name, dims in expected.items():
+        if post[name].dims != dims:
+            raise BadInput(f"{where}: posterior variable {name} has dimensions "
+                           f"{post[name].dims}, expected {dims}")
+        values = np.asarray(post[name].values, dtype=float)
+        base = name.removesuffix("_pop_mean").removesuffix("_pop_sd")
+        if name == "noise_sd":
+            low, high, what = 0.0, math.inf, "positive"
+        elif name.endswith("_pop_sd"):
+            lo, hi = spec.parameters[base].bounds
+            low, high, what = 0.0, hi - lo, f"between 0 and {hi - lo:g}"
+        else:
+            low, high = spec.parameters[base].bounds
+            what = f"inside the bounds [{low:g}, {high:g}]"
+        strict = name == "noise_sd"
+        bad = ~np.isfinite(values) | (values < low) | (values > high) | (strict & (values <= low))
+        if bad.any():
+            raise BadInput(f"{where}: posterior variable {name} has a value "
+                           f"{float(values[bad].flat[0])!r} that is not a finite number {what}")
+
+
+def load_for_prediction(posterior: str | Path, card: str | Path | None = None
+                        ) -> tuple[az.InferenceData, ModelSpec]:
+    """A fit's ``posterior.nc`` and its card (``card``, else the stored one), checked to
+    belong together (:func:`check_posterior`)."""
+    from bayescal.summary import load_posterior
+
+    idata = load_posterior(posterior)
+    spec = card_of(idata, card)
+    check_posterior(idata, spec, f"--card {card}" if card is not None else str(posterior))
+    return idata, spec
 
 
 def population_latents(transform: Bounded, mean: torch.Tensor, sd: torch.Tensor,
@@ -249,19 +345,21 @@ def write_bands(prediction: Prediction, path: Path) -> None:
 def predict_to_directory(idata: az.InferenceData, load: Experiments, out: Path, *,
                          attrs: dict, figures: bool = True, **kwargs) -> Prediction:
     """:func:`predict`, then write ``predictions.nc``, ``bands.csv`` and ``bands.png`` into
-    ``out`` (each atomically; nothing is written if the prediction fails)."""
+    ``out`` (each atomically; no file is written if the prediction fails), holding the
+    folder's lock (:class:`~bayescal.output.FolderLock`) throughout."""
     from bayescal.export import write_netcdf
+    from bayescal.output import FolderLock
 
-    prediction = predict(idata, load, **kwargs)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    meta = {**attrs, "kind": "fitted" if prediction.fitted else "population",
-            "noise": int(prediction.noise), "failed_draws": prediction.failed_draws,
-            "notes": " ".join(prediction.notes)}
-    write_netcdf(to_inference_data(prediction, meta), out / "predictions.nc")
-    write_bands(prediction, out / "bands.csv")
-    if figures:
-        from bayescal.plots import plot_prediction
+    with FolderLock(out):
+        prediction = predict(idata, load, **kwargs)
+        meta = {**attrs, "kind": "fitted" if prediction.fitted else "population",
+                "noise": int(prediction.noise), "failed_draws": prediction.failed_draws,
+                "notes": " ".join(prediction.notes)}
+        write_netcdf(to_inference_data(prediction, meta), out / "predictions.nc")
+        write_bands(prediction, out / "bands.csv")
+        if figures:
+            from bayescal.plots import plot_prediction
 
-        plot_prediction(prediction, out / "bands.png")
+            plot_prediction(prediction, out / "bands.png")
     return prediction

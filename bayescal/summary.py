@@ -22,8 +22,10 @@ ESS_PER_CHAIN = 100
 def load_posterior(path: str | Path) -> az.InferenceData:
     """Read a ``posterior.nc``, with one clear error when it is missing or not ours."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise BadInput(f"{path}: no such file")
+    if not path.is_file():
+        raise BadInput(f"{path}: not a regular file")
     try:
         idata = az.from_netcdf(path)
     except Exception as exc:  # h5/netCDF errors have many types

@@ -3,6 +3,7 @@ simulated on a load path, with optional measurement noise; written atomically.""
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -61,8 +62,9 @@ def simulate_experiments(spec: ModelSpec, load: Experiments, seed: int = 0,
     (:func:`~bayescal.hierarchy.draw_specimens`), simulate its stress at the recorded points,
     and add Gaussian noise of sd ``noise_sd`` MPa. Seeded: the same seed gives the same data.
     Raises :class:`~bayescal.hierarchy.SolverFailure` if a specimen cannot be integrated."""
-    if not noise_sd >= 0:
-        raise BadInput(f"the noise sd (--noise) must be non-negative, got {noise_sd:g}")
+    if not (noise_sd >= 0 and math.isfinite(noise_sd)):
+        raise BadInput(f"the noise sd (--noise) must be a non-negative finite number, got "
+                       f"{noise_sd:g}")
     model = load_model(spec)
     n = load.n_specimens
     params = draw_specimens(spec, n, seed)

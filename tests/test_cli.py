@@ -269,7 +269,7 @@ def test_specimen_count_must_match_the_ids_of_the_load(capsys, tmp_path):
 def test_negative_noise_and_bad_counts(capsys, tmp_path, short_load):
     one_line_error(capsys, ["simulate", PERZYNA, "--load", short_load, "--noise", -1,
                             "--out", tmp_path / "x.csv"],
-                   "the noise sd (--noise) must be non-negative, got -1")
+                   "the noise sd (--noise) must be a non-negative finite number, got -1")
     one_line_error(capsys, ["simulate", PERZYNA, "--load", short_load, "--specimens", 0,
                             "--out", tmp_path / "x.csv"],
                    "the number of specimens (--specimens) must be at least 1, got 0")
@@ -374,7 +374,7 @@ def test_fit_bad_options_and_inputs(capsys, tmp_path, tiny_data):
     one_line_error(capsys, ["fit", PERZYNA, "--data", tiny_data, "--steps", 0, "--out", out],
                    "--steps must be at least 1, got 0")
     one_line_error(capsys, ["fit", PERZYNA, "--data", tiny_data, "--lr", -0.1, "--out", out],
-                   "--lr must be positive, got -0.1")
+                   "--lr must be a positive finite number, got -0.1")
     one_line_error(capsys, ["fit", PERZYNA, "--data", tiny_data, "--draws", 0, "--out", out],
                    "--draws must be at least 1, got 0")
     one_line_error(capsys, ["fit", PERZYNA, "--data", tiny_data, "--method", "map",

@@ -21,8 +21,8 @@ skipped and counted; it never reaches the optimiser.
 from __future__ import annotations
 
 import math
-import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -37,7 +37,9 @@ from pyro.infer.autoguide import (AutoDelta, AutoLowRankMultivariateNormal,
                                   AutoMultivariateNormal, AutoNormal)
 from pyro.infer.autoguide.initialization import init_to_median, init_to_value
 
+from bayescal.errors import BadInput, BayescalWarning
 from bayescal.hierarchy import Hierarchy, SolverFailure
+from bayescal.output import write_atomically
 
 GUIDES = ("delta", "normal", "lowrank", "mvn")
 
@@ -290,7 +292,8 @@ SETTLED = 2e-3
 MAX_STEP = 2.0
 
 
-def fit_map(packing: Packing, state: SVIState, max_iterations: int, step: float, progress
+def fit_map(packing: Packing, state: SVIState, max_iterations: int, step: float, progress,
+            checkpoint: Callable[[SVIState], None] | None = None
             ) -> tuple[torch.Tensor, torch.Tensor]:
     """MAP by damped Newton with the finite-difference Hessian, and the Laplace covariance.
 
@@ -304,10 +307,15 @@ def fit_map(packing: Packing, state: SVIState, max_iterations: int, step: float,
     iterations (measured: 25 of 40 on 12 specimens, gaining 34 nats). Then (non-centered
     model) the spreads move to their conditional modes (:meth:`Packing.spread_at_specimens`).
     Returns that point (unconstrained) and the inverse floored negative Hessian there.
+
+    The iteration continues from ``state`` (``state.u_map`` is the current iterate while
+    ``state.stage`` is "map"), and ``checkpoint(state)`` is called after every step taken,
+    so that a long MAP stage killed part-way resumes where it was (the iteration is
+    deterministic: the resumed run takes the same steps).
     """
-    u = packing.u0.clone()
+    u = packing.u0.clone() if state.u_map is None else state.u_map.clone()
     h = packing.h
-    for _ in range(max_iterations):
+    for _ in range(max_iterations - len(state.losses["map"])):
         value, grad, neg_hessian = gradient_and_hessian(packing, u, step)
         state.losses["map"].append(-value)
         eigval, eigvec = _floored(neg_hessian)
@@ -334,9 +342,12 @@ def fit_map(packing: Packing, state: SVIState, max_iterations: int, step: float,
         if not trial[best] > value:
             break
         moved = packing.likelihood_coordinates(torch.stack([u, candidates[best]]))
-        u = candidates[best]
+        u = candidates[best].detach()
         if float((moved[1] - moved[0]).abs().max()) < SETTLED:
             break  # the rest is the spreads' valley, which the next step settles exactly
+        if checkpoint is not None:
+            state.u_map = u.clone()
+            checkpoint(state)
     if not h.centered and h.spec.varying:
         u = packing.spread_at_specimens(u.detach()[None])[0]
     value, grad, neg_hessian = gradient_and_hessian(packing, u, step)
@@ -488,33 +499,46 @@ def refine_guide(h: Hierarchy, guide, config: SVIConfig, state: SVIState, optim_
 
 def run_svi(h: Hierarchy, config: SVIConfig = SVIConfig(), seed: int = 0,
             checkpoint_path: Path | None = None, resume: bool = False,
-            progress: bool = True) -> SVIResult:
+            progress: bool = True, fingerprint: dict[str, str] | None = None) -> SVIResult:
     """Fit the hierarchy: MAP (+ Laplace), then SVI of the chosen guide unless ``delta``.
 
-    With ``checkpoint_path`` the state is written there after the MAP stage and every
-    ``checkpoint_every`` SVI steps; with ``resume`` a run continues from that file.
+    With ``checkpoint_path`` the state is written there after every MAP (Newton) iteration,
+    after the MAP stage and every ``checkpoint_every`` SVI steps, stamped with
+    ``fingerprint`` (what identifies the run: see :func:`bayescal.fit.run_fingerprint`);
+    with ``resume`` a run continues from that file, which must carry the same fingerprint
+    (:func:`load_checkpoint`). A run without ``resume`` that replaces an earlier run's
+    checkpoint says so (a :class:`~bayescal.errors.BayescalWarning`).
     """
     from tqdm.auto import tqdm
 
     if config.guide not in GUIDES:
         raise ValueError(f"unknown guide {config.guide!r}; choose one of {', '.join(GUIDES)}")
+    fingerprint = dict(fingerprint or {})
     start = time.perf_counter()
     pyro.clear_param_store()
     pyro.set_rng_seed(seed)
-    saved = None
-    if resume and checkpoint_path is not None and checkpoint_path.exists():
-        saved = torch.load(checkpoint_path, weights_only=False)
-        pyro.util.set_rng_state(saved["rng"])
-    state = saved["state"] if saved else SVIState()
-    resumed_from = state.total if saved else None
-    writer = _Checkpointer(checkpoint_path) if checkpoint_path is not None else None
     packing = Packing(h, initial_values(h))
+    saved = None
+    if checkpoint_path is not None and checkpoint_path.exists():
+        if resume:
+            saved = load_checkpoint(checkpoint_path, fingerprint, packing.dim)
+            _set_rng_state(saved["rng"])
+        else:
+            warnings.warn(f"{checkpoint_path} holds {describe_checkpoint(checkpoint_path)}; "
+                          "this run replaces it (to continue that run instead, rerun it "
+                          "with --resume)", BayescalWarning, stacklevel=2)
+    state = _state_from_dict(saved["state"]) if saved else SVIState()
+    resumed_from = state.total if saved else None
+    writer = _Checkpointer(checkpoint_path, fingerprint) if checkpoint_path is not None \
+        else None
     stochastic = config.guide != "delta"
     with tqdm(total=config.map_iterations + (config.steps if stochastic else 0),
               disable=not progress, desc="fit", unit="it") as bar:
         if state.stage == "map":
+            bar.update(len(state.losses["map"]))
+            map_checkpoint = None if writer is None else (lambda s: writer(s, None, None))
             state.u_map, state.covariance = fit_map(packing, state, config.map_iterations,
-                                                    config.hessian_step, bar)
+                                                    config.hessian_step, bar, map_checkpoint)
             state.stage = "guide"
             if writer is not None:
                 writer(state, None, None)
@@ -522,26 +546,142 @@ def run_svi(h: Hierarchy, config: SVIConfig = SVIConfig(), seed: int = 0,
         guide = make_guide(h, config.guide, packing, state.u_map,
                            config.laplace_scale * state.covariance)
         if stochastic:
-            if saved is not None and saved.get("guide") is not None:
-                guide.load_state_dict(saved["guide"])
+            if saved is not None and saved["guide"] is not None:
+                try:
+                    guide.load_state_dict(saved["guide"])
+                except (RuntimeError, KeyError, TypeError, ValueError) as exc:
+                    raise _corrupt(checkpoint_path, f"guide state: {exc}") from None
             bar.update(state.step)
             h.stop_warm_start()
             if config.steps:
-                refine_guide(h, guide, config, state, saved and saved.get("optim"), writer, bar)
+                refine_guide(h, guide, config, state, saved and saved["optim"], writer, bar)
     return SVIResult(guide=guide, state=state, map_values=packing.point(state.u_map),
                      wall_time=time.perf_counter() - start, resumed_from=resumed_from)
 
 
-class _Checkpointer:
-    """Writes the run's state atomically."""
+# ------------------------------------------------------------------------------ checkpoints
+#
+# A checkpoint holds plain data only (tensors, numbers, strings, lists and dicts of them) and
+# is read with ``torch.load(weights_only=True)``, which refuses anything else: a checkpoint
+# file can never run code. It carries the fingerprint of the run that wrote it.
 
-    def __init__(self, path: Path) -> None:
+#: Layout version of the checkpoint file.
+CHECKPOINT_FORMAT = 1
+#: What the fingerprint's fields are called in messages.
+FINGERPRINT_NAMES = {"card": "the model card", "data": "the data", "method": "--method",
+                     "guide": "--guide", "seed": "--seed", "centered": "--centered",
+                     "versions": "the package versions"}
+
+
+def _corrupt(path: Path, detail: str) -> BadInput:
+    return BadInput(f"{path}: not a usable bayescal checkpoint ({' '.join(detail.split())}); "
+                    "remove it, or fit without --resume")
+
+
+def _state_to_dict(state: SVIState) -> dict:
+    return {"stage": state.stage, "step": state.step,
+            "losses_map": [float(x) for x in state.losses["map"]],
+            "losses_guide": [float(x) for x in state.losses["guide"]],
+            "skipped": state.skipped, "retries": state.retries,
+            "u_map": None if state.u_map is None else state.u_map.detach().clone(),
+            "covariance": None if state.covariance is None else state.covariance.detach()}
+
+
+def _state_from_dict(data: dict) -> SVIState:
+    return SVIState(stage=data["stage"], step=data["step"],
+                    losses={"map": list(data["losses_map"]), "guide": list(data["losses_guide"])},
+                    skipped=data["skipped"], retries=data["retries"], u_map=data["u_map"],
+                    covariance=data["covariance"])
+
+
+def _rng_state() -> dict:
+    """Pyro's random states (torch, Python, numpy) as plain data."""
+    state = pyro.util.get_rng_state()
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    return {"torch": state["torch"], "random": state["random"],
+            "numpy": [name, torch.from_numpy(keys.astype("int64")), pos, has_gauss, cached]}
+
+
+def _set_rng_state(state: dict) -> None:
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    pyro.util.set_rng_state({"torch": state["torch"], "random": state["random"],
+                             "numpy": (name, keys.numpy().astype("uint32"), pos, has_gauss,
+                                       cached)})
+
+
+def _read_checkpoint(path: Path) -> dict:
+    """The checkpoint's contents, loaded safely and checked for layout."""
+    try:
+        saved = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as exc:  # unpickling raises many types for a truncated or foreign file
+        raise _corrupt(path, f"{type(exc).__name__}: {str(exc)[:200]}") from None
+    expected = {"format": int, "fingerprint": dict, "state": dict, "guide": (dict, type(None)),
+                "optim": (dict, type(None)), "rng": dict}
+    if not isinstance(saved, dict) or set(saved) != set(expected):
+        raise _corrupt(path, "unexpected contents")
+    for key, kind in expected.items():
+        if not isinstance(saved[key], kind):
+            raise _corrupt(path, f"{key} has the wrong type")
+    if saved["format"] != CHECKPOINT_FORMAT:
+        raise _corrupt(path, f"format {saved['format']}, this bayescal reads {CHECKPOINT_FORMAT}")
+    state = saved["state"]
+    fields = {"stage": str, "step": int, "losses_map": list, "losses_guide": list,
+              "skipped": int, "retries": int, "u_map": (torch.Tensor, type(None)),
+              "covariance": (torch.Tensor, type(None))}
+    if set(state) != set(fields) or not all(isinstance(state[k], t) for k, t in fields.items()) \
+            or state["stage"] not in ("map", "guide") or state["step"] < 0:
+        raise _corrupt(path, "state has the wrong layout")
+    return saved
+
+
+def describe_checkpoint(path: Path) -> str:
+    """A few words on what a checkpoint file holds (for messages)."""
+    try:
+        state = _read_checkpoint(path)["state"]
+    except BadInput:
+        return "an unreadable checkpoint"
+    iterations = len(state["losses_map"]) + state["step"]
+    return f"the checkpoint of an earlier run ({state['stage']} stage, iteration {iterations})"
+
+
+def load_checkpoint(path: Path, fingerprint: dict[str, str], dim: int) -> dict:
+    """A checkpoint to resume from: readable, of this run (same fingerprint) and of its
+    model's dimension; each problem a :class:`BadInput` naming the file."""
+    saved = _read_checkpoint(path)
+    theirs = saved["fingerprint"]
+    differs = [key for key in sorted(set(fingerprint) | set(theirs))
+               if str(theirs.get(key)) != str(fingerprint.get(key))]
+    if differs:
+        def shown(key):
+            name = FINGERPRINT_NAMES.get(key, key)
+            if key in ("card", "data"):
+                return f"{name} differs"
+            return f"{name} {theirs.get(key, '?')} there, {fingerprint.get(key, '?')} now"
+
+        raise BadInput(f"--resume: {path} belongs to another run ({'; '.join(map(shown, differs))}"
+                       "): rerun with that run's inputs, or without --resume to start afresh")
+    state = saved["state"]
+    for name, shape in (("u_map", (dim,)), ("covariance", (dim, dim))):
+        value = state[name]
+        if value is not None and (tuple(value.shape) != shape or not torch.isfinite(value).all()):
+            raise _corrupt(path, f"{name} does not fit this model")
+    if state["stage"] == "guide" and (state["u_map"] is None or state["covariance"] is None):
+        raise _corrupt(path, "the guide stage has no MAP point")
+    return saved
+
+
+class _Checkpointer:
+    """Writes the run's state atomically (:func:`bayescal.output.write_atomically`), as plain
+    data stamped with the run's fingerprint."""
+
+    def __init__(self, path: Path, fingerprint: dict[str, str]) -> None:
         self.path = path
+        self.fingerprint = {str(k): str(v) for k, v in fingerprint.items()}
 
     def __call__(self, state: SVIState, guide, optim) -> None:
-        payload = {"state": state, "guide": None if guide is None else guide.state_dict(),
+        payload = {"format": CHECKPOINT_FORMAT, "fingerprint": self.fingerprint,
+                   "state": _state_to_dict(state),
+                   "guide": None if guide is None else dict(guide.state_dict()),
                    "optim": None if optim is None else optim.get_state(),
-                   "rng": pyro.util.get_rng_state()}
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        torch.save(payload, tmp)
-        os.replace(tmp, self.path)
+                   "rng": _rng_state()}
+        write_atomically(self.path, lambda f: torch.save(payload, f))
