@@ -22,7 +22,7 @@ from bayescal.card import ModelSpec
 from bayescal.data import Experiments
 from bayescal.errors import BayescalWarning
 from bayescal.export import build_inference_data, write_netcdf
-from bayescal.hierarchy import Hierarchy
+from bayescal.hierarchy import Hierarchy, plan_integration
 from bayescal.inference.draws import (posterior_draws, predictive_and_loglik, sample_guide,
                                       unpack_draws)
 from bayescal.inference.nuts import NUTSConfig, run_nuts
@@ -161,6 +161,30 @@ def integration_report(h: Hierarchy, values: dict[str, torch.Tensor], noise_sd: 
     return attrs
 
 
+def map_parameters(h: Hierarchy, map_values: dict) -> dict[str, torch.Tensor]:
+    """Physical parameters ``(specimen,)`` at a point of latent values."""
+    draws = posterior_draws(h, {k: v[None] for k, v in map_values.items()}, unique=True)
+    return {k: v[0] for k, v in draws.parameters.items()}
+
+
+def replan_at_map(h: Hierarchy, map_values: dict) -> Hierarchy | None:
+    """A hierarchy on a grid that also meets the tolerance at the MAP, or None when ``h``'s
+    does. The grid planned before the fit (at the prior population) can be too coarse for
+    the specimens' fitted values, e.g. where a low yield stress moves the onset of yield
+    into a long step; the new grid takes, interval by interval, the larger of the two
+    plans' step counts."""
+    exp = h.experiments
+    values = map_parameters(h, map_values)
+    error = estimate_error(h.model, {**fixed_values(h.spec, exp.n_specimens), **values},
+                           exp.time, exp.strain, h.substeps, h.options, exp.temperature,
+                           exp.mask)
+    if float(error.nan_to_num(nan=torch.inf).max()) <= h.options.tolerance:
+        return None
+    plan = plan_integration(h.spec, h.model, exp, h.options, values=values)
+    return Hierarchy(h.spec, exp, h.options, centered=h.centered, warm_start=h.warm_start,
+                     substeps=torch.maximum(h.substeps, plan.substeps))
+
+
 def fixed_values(spec: ModelSpec, n: int) -> dict[str, torch.Tensor]:
     """The card's fixed parameters as ``(n,)`` tensors."""
     return {k: torch.full((n,), float(p.value), dtype=torch.float64)
@@ -214,7 +238,9 @@ def fit(spec: ModelSpec, experiments: Experiments, method: str = "svi",
     else:
         fingerprint = run_fingerprint(spec, experiments, method, config.guide, seed, centered)
         result = run_svi(h, config, seed=seed, checkpoint_path=checkpoint, resume=resume,
-                         progress=progress, fingerprint=fingerprint)
+                         progress=progress, fingerprint=fingerprint,
+                         replan=replan_at_map if h.options.automatic else None)
+        h = result.hierarchy
         chains = 1
         latents = sample_guide(h, result.guide, draws, seed)
         run_attrs = {
@@ -233,9 +259,7 @@ def fit(spec: ModelSpec, experiments: Experiments, method: str = "svi",
     if method == "nuts":
         at, point = "posterior mean", {k: v.mean(0) for k, v in post.parameters.items()}
     else:
-        at = "MAP"
-        point = {k: v[0] for k, v in posterior_draws(
-            h, {k: v[None] for k, v in result.map_values.items()}, unique=True).parameters.items()}
+        at, point = "MAP", map_parameters(h, result.map_values)
     integration = integration_report(h, point, float(post.noise_sd.mean()), at)
     notes += _warn(integration.pop("warnings"))
     predictive, loglik = predictive_and_loglik(h, post, seed)

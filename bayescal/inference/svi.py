@@ -92,6 +92,7 @@ class SVIResult:
     map_values: dict
     wall_time: float
     resumed_from: int | None = None
+    hierarchy: Hierarchy | None = None  # the one fitted: a finer grid after a re-plan
 
 
 def initial_values(h: Hierarchy) -> dict[str, torch.Tensor]:
@@ -499,8 +500,14 @@ def refine_guide(h: Hierarchy, guide, config: SVIConfig, state: SVIState, optim_
 
 def run_svi(h: Hierarchy, config: SVIConfig = SVIConfig(), seed: int = 0,
             checkpoint_path: Path | None = None, resume: bool = False,
-            progress: bool = True, fingerprint: dict[str, str] | None = None) -> SVIResult:
+            progress: bool = True, fingerprint: dict[str, str] | None = None,
+            replan: Callable[[Hierarchy, dict], Hierarchy | None] | None = None
+            ) -> SVIResult:
     """Fit the hierarchy: MAP (+ Laplace), then SVI of the chosen guide unless ``delta``.
+
+    ``replan(h, map_values)``, called once at the MAP, may return a hierarchy on a finer
+    integration grid (see :func:`bayescal.fit.replan_at_map`): the MAP is then continued
+    from the same point on it, and everything after uses it (``SVIResult.hierarchy``).
 
     With ``checkpoint_path`` the state is written there after every MAP (Newton) iteration,
     after the MAP stage and every ``checkpoint_every`` SVI steps, stamped with
@@ -539,6 +546,12 @@ def run_svi(h: Hierarchy, config: SVIConfig = SVIConfig(), seed: int = 0,
             map_checkpoint = None if writer is None else (lambda s: writer(s, None, None))
             state.u_map, state.covariance = fit_map(packing, state, config.map_iterations,
                                                     config.hessian_step, bar, map_checkpoint)
+            finer = None if replan is None else replan(h, packing.point(state.u_map))
+            if finer is not None:
+                h, packing = finer, Packing(finer, initial_values(finer))
+                state.u_map, state.covariance = fit_map(
+                    packing, state, len(state.losses["map"]) + config.map_iterations,
+                    config.hessian_step, bar, map_checkpoint)
             state.stage = "guide"
             if writer is not None:
                 writer(state, None, None)
@@ -556,7 +569,8 @@ def run_svi(h: Hierarchy, config: SVIConfig = SVIConfig(), seed: int = 0,
             if config.steps:
                 refine_guide(h, guide, config, state, saved and saved["optim"], writer, bar)
     return SVIResult(guide=guide, state=state, map_values=packing.point(state.u_map),
-                     wall_time=time.perf_counter() - start, resumed_from=resumed_from)
+                     wall_time=time.perf_counter() - start, resumed_from=resumed_from,
+                     hierarchy=h)
 
 
 # ------------------------------------------------------------------------------ checkpoints
