@@ -74,7 +74,7 @@ def test_python_dash_m_bayescal_runs():
 
 # ------------------------------------------------------------------------------------- check
 
-ROW = re.compile(r"^(jacobian|adjoint-gradient|chunking|integration)"
+ROW = re.compile(r"^(jacobian|adjoint-gradient|chunking|integration|response)"
                  r"\s+(\S+)\s+(\S+)\s+(PASS|FAIL)\s+(.*)$")
 
 
@@ -93,7 +93,7 @@ def test_check_passes_for_every_shipped_card(capsys, card):
     status, out, err = run(capsys, "check", card)
     assert status == 0, out + err
     rows = parse_check(out)
-    assert list(rows) == ["jacobian", "adjoint-gradient", "chunking", "integration"]
+    assert list(rows) == ["jacobian", "adjoint-gradient", "chunking", "integration", "response"]
     for name, (value, tol, verdict, detail) in rows.items():
         assert tol == check.TOLERANCES[name]
         assert value <= tol and verdict == "PASS", (name, value, detail)
@@ -102,7 +102,7 @@ def test_check_passes_for_every_shipped_card(capsys, card):
     numbers = re.search(r"rms (\S+) MPa, max (\S+) MPa", rows["integration"][3])
     rms, worst = map(float, numbers.groups())
     assert rms == pytest.approx(rows["integration"][0], rel=1e-2) and rms <= worst
-    assert "all 4 checks passed" in out
+    assert "all 5 checks passed" in out
 
 
 def test_check_with_a_broken_jacobian_exits_1(capsys, monkeypatch, short_load):
