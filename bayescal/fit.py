@@ -22,13 +22,13 @@ from bayescal.card import ModelSpec
 from bayescal.data import Experiments
 from bayescal.errors import BayescalWarning
 from bayescal.export import build_inference_data, write_netcdf
-from bayescal.hierarchy import Hierarchy, plan_integration
+from bayescal.hierarchy import Hierarchy
+from bayescal.inference.accuracy import integration_report, map_parameters, replan_at_map
 from bayescal.inference.draws import (posterior_draws, predictive_and_loglik, sample_guide,
                                       unpack_draws)
 from bayescal.inference.nuts import NUTSConfig, run_nuts
 from bayescal.inference.svi import Packing, SVIConfig, initial_values, run_svi
 from bayescal.output import FolderLock
-from bayescal.simulate import estimate_error
 
 METHODS = ("map", "laplace", "svi", "nuts")
 
@@ -133,64 +133,6 @@ def numeric_labels(experiments: Experiments) -> dict[str, np.ndarray]:
             if all(isinstance(v, float) for v in values)}
 
 
-#: ``fit`` warns when the estimated integration error exceeds this share of the noise sd.
-INTEGRATION_WARNING_SHARE = 0.2
-
-
-def integration_report(h: Hierarchy, values: dict[str, torch.Tensor], noise_sd: float,
-                       at: str) -> dict:
-    """The estimated integration error (step doubling, MPa) of ``h``'s grid at physical
-    parameters ``values`` (``(specimen,)`` tensors), as attributes, with a plain-word
-    warning (``warnings``, a list) when its largest value exceeds
-    :data:`INTEGRATION_WARNING_SHARE` times the noise sd."""
-    exp = h.experiments
-    error = estimate_error(h.model, {**fixed_values(h.spec, exp.n_specimens), **values},
-                           exp.time, exp.strain, h.substeps, h.options, exp.temperature,
-                           exp.mask)
-    valid = error[exp.mask]
-    worst = float(valid.nan_to_num(nan=torch.inf).max()) if valid.numel() else 0.0
-    rms = float(valid.square().mean().sqrt()) if valid.numel() else 0.0
-    attrs = {"integration_error_at": at, "integration_error_rms": rms,
-             "integration_error_max": worst, "warnings": []}
-    if worst > INTEGRATION_WARNING_SHARE * noise_sd:
-        attrs["warnings"].append(
-            f"the estimated integration error at the {at} reaches {worst:.3g} MPa, more than "
-            f"{INTEGRATION_WARNING_SHARE:g} x the fitted noise sd ({noise_sd:.3g} MPa): the "
-            f"solver's error may bias the fit; lower [solver] tolerance (or raise substeps) "
-            f"in the card and fit again")
-    return attrs
-
-
-def map_parameters(h: Hierarchy, map_values: dict) -> dict[str, torch.Tensor]:
-    """Physical parameters ``(specimen,)`` at a point of latent values."""
-    draws = posterior_draws(h, {k: v[None] for k, v in map_values.items()}, unique=True)
-    return {k: v[0] for k, v in draws.parameters.items()}
-
-
-def replan_at_map(h: Hierarchy, map_values: dict) -> Hierarchy | None:
-    """A hierarchy on a grid that also meets the tolerance at the MAP, or None when ``h``'s
-    does. The grid planned before the fit (at the prior population) can be too coarse for
-    the specimens' fitted values, e.g. where a low yield stress moves the onset of yield
-    into a long step; the new grid takes, interval by interval, the larger of the two
-    plans' step counts."""
-    exp = h.experiments
-    values = map_parameters(h, map_values)
-    error = estimate_error(h.model, {**fixed_values(h.spec, exp.n_specimens), **values},
-                           exp.time, exp.strain, h.substeps, h.options, exp.temperature,
-                           exp.mask)
-    if float(error.nan_to_num(nan=torch.inf).max()) <= h.options.tolerance:
-        return None
-    plan = plan_integration(h.spec, h.model, exp, h.options, values=values)
-    return Hierarchy(h.spec, exp, h.options, centered=h.centered, warm_start=h.warm_start,
-                     substeps=torch.maximum(h.substeps, plan.substeps))
-
-
-def fixed_values(spec: ModelSpec, n: int) -> dict[str, torch.Tensor]:
-    """The card's fixed parameters as ``(n,)`` tensors."""
-    return {k: torch.full((n,), float(p.value), dtype=torch.float64)
-            for k, p in spec.parameters.items() if p.is_fixed}
-
-
 def fit(spec: ModelSpec, experiments: Experiments, method: str = "svi",
         config: SVIConfig = SVIConfig(), draws: int = 1000, seed: int = 0,
         centered: bool = False, checkpoint: Path | None = None, resume: bool = False,
@@ -215,6 +157,8 @@ def fit(spec: ModelSpec, experiments: Experiments, method: str = "svi",
     h = Hierarchy(spec, experiments, centered=centered)
     if method == "nuts":
         sampled = run_nuts(h, nuts, config, seed=seed, progress=progress)
+        if not torch.equal(sampled.substeps, h.substeps):  # refined at the MAP
+            h = Hierarchy(spec, experiments, centered=centered, substeps=sampled.substeps)
         chains = nuts.chains
         latents = unpack_draws(h, Packing(h, initial_values(h)), sampled.u.flatten(0, 1))
         run_attrs = {

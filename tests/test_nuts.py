@@ -116,10 +116,11 @@ def test_a_failed_solve_is_a_rejection_not_a_crash(five_specimens, monkeypatch):
                 raise SolverFailure(self.last_report)
         return stress
 
-    centre, covariance, _ = nuts.approximation(h, NUTSConfig(), SVIConfig(map_iterations=10),
-                                               seed=0, progress=False)
+    centre, covariance, _, substeps = nuts.approximation(
+        h, NUTSConfig(), SVIConfig(map_iterations=10), seed=0, progress=False)
     monkeypatch.setattr(Hierarchy, "simulate", flaky)
-    job = nuts._Chain(spec, few, h.options, True, centre, torch.linalg.cholesky(covariance),
+    job = nuts._Chain(spec, few, h.options, substeps, True, centre,
+                      torch.linalg.cholesky(covariance),
                       NUTSConfig(chains=1, warmup=10, samples=15), seed=0, index=0, threads=1)
     result = nuts.run_chain(job)
     failures = np.asarray(result["stats"]["solver_failures"])

@@ -28,6 +28,7 @@ from pyro.ops.integrator import register_exception_handler
 from bayescal.card import ModelSpec
 from bayescal.data import Experiments
 from bayescal.hierarchy import Hierarchy, SolverFailure
+from bayescal.inference.accuracy import replan_at_map
 from bayescal.inference.svi import Packing, SVIConfig, initial_values, run_svi
 from bayescal.simulate import SolverOptions
 
@@ -80,6 +81,7 @@ class NUTSResult:
     init_time: float
     sampling_time: float
     init_steps: int
+    substeps: torch.Tensor  # the integration grid the chains ran on (per recorded interval)
 
 
 @dataclass(frozen=True)
@@ -89,6 +91,7 @@ class _Chain:
     spec: ModelSpec
     experiments: Experiments
     options: SolverOptions
+    substeps: torch.Tensor
     centered: bool
     centre: torch.Tensor
     root: torch.Tensor
@@ -144,7 +147,7 @@ def run_chain(job: _Chain, report=None) -> dict:
     torch.set_default_dtype(torch.float64)
     torch.set_num_threads(job.threads)
     h = Hierarchy(job.spec, job.experiments, job.options, centered=job.centered,
-                  warm_start=False)
+                  warm_start=False, substeps=job.substeps)
     packing = Packing(h, initial_values(h))
     potential = _Potential(packing, job.centre, job.root)
     seed = _chain_seed(job.seed, job.index)
@@ -249,15 +252,20 @@ def to_centered(packing: Packing, u: torch.Tensor) -> torch.Tensor:
 
 
 def approximation(h: Hierarchy, config: NUTSConfig, svi: SVIConfig, seed: int,
-                  progress: bool) -> tuple[torch.Tensor, torch.Tensor, int]:
+                  progress: bool) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]:
     """Centre and covariance (packed unconstrained coordinates of ``h``) that NUTS starts
     from: the Laplace approximation, or the full-rank SVI guide started from it, fitted in
     the non-centered parameterisation and carried over to the centered one if ``h`` is
-    centered (covariance ``J C J^T``). Also returns the fit's iteration count."""
-    start = h if not h.centered else Hierarchy(h.spec, h.experiments, h.options)
+    centered (covariance ``J C J^T``). Also returns the fit's iteration count and the
+    integration steps per recorded interval, refined at the MAP where ``h``'s grid misses
+    its tolerance there (:func:`~bayescal.inference.accuracy.replan_at_map`)."""
+    start = h if not h.centered else Hierarchy(h.spec, h.experiments, h.options,
+                                               substeps=h.substeps)
     steps = svi.steps if config.init == "svi" else 0
     result = run_svi(start, replace(svi, guide="mvn", steps=steps), seed=seed,
-                     progress=progress)
+                     progress=progress,
+                     replan=replan_at_map if h.options.automatic else None)
+    start = result.hierarchy
     if config.init == "svi":
         posterior = result.guide.get_posterior()
         centre, covariance = posterior.loc.detach(), posterior.covariance_matrix.detach()
@@ -269,18 +277,18 @@ def approximation(h: Hierarchy, config: NUTSConfig, svi: SVIConfig, seed: int,
             lambda v: to_centered(packing, v[None])[0], centre)
         centre = to_centered(packing, centre[None])[0]
         covariance = jacobian @ covariance @ jacobian.T
-    return centre, covariance, result.state.total
+    return centre, covariance, result.state.total, start.substeps
 
 
 def run_nuts(h: Hierarchy, config: NUTSConfig = NUTSConfig(), svi: SVIConfig = SVIConfig(),
              seed: int = 0, progress: bool = True) -> NUTSResult:
     """Sample the hierarchy's posterior with NUTS (see the module's docstring)."""
     start = time.perf_counter()
-    centre, covariance, init_steps = approximation(h, config, svi, seed, progress)
+    centre, covariance, init_steps, substeps = approximation(h, config, svi, seed, progress)
     root = torch.linalg.cholesky(0.5 * (covariance + covariance.T))
     init_time = time.perf_counter() - start
-    jobs = [_Chain(h.spec, h.experiments, h.options, h.centered, centre, root, config, seed,
-                   chain, torch.get_num_threads()) for chain in range(config.chains)]
+    jobs = [_Chain(h.spec, h.experiments, h.options, substeps, h.centered, centre, root, config,
+                   seed, chain, torch.get_num_threads()) for chain in range(config.chains)]
     processes = config.processes or min(config.chains, os.cpu_count() or 1)
     chains = _run_chains(jobs, processes, progress)
     stats = {name: np.asarray([c["stats"][name] for c in chains]) for name in STAT_NAMES}
@@ -292,4 +300,5 @@ def run_nuts(h: Hierarchy, config: NUTSConfig = NUTSConfig(), svi: SVIConfig = S
         init_time=init_time,
         sampling_time=time.perf_counter() - start - init_time,
         init_steps=init_steps,
+        substeps=substeps,
     )
