@@ -32,7 +32,7 @@ from bayescal.card import ModelSpec, load_card, load_model, parse_card
 from bayescal.data import Experiments, write_table
 from bayescal.errors import BadInput
 from bayescal.hierarchy import Bounded, population_moments
-from bayescal.simulate import simulate
+from bayescal.simulate import SolverOptions, fixed_substeps, plan_substeps, simulate
 
 BAND = (0.05, 0.5, 0.95)
 
@@ -246,6 +246,25 @@ def fitted_specimens(spec: ModelSpec, idata: az.InferenceData, index: torch.Tens
     return values
 
 
+#: Draws that the integration grid of a prediction is planned over.
+PLAN_DRAWS = 32
+
+
+def prediction_substeps(model, options: SolverOptions, parameters: dict[str, torch.Tensor],
+                        load: Experiments) -> torch.Tensor:
+    """Integration steps per recorded interval of ``load`` for every draw: the card's fixed
+    counts, or planned from its tolerance over the first :data:`PLAN_DRAWS` draws
+    (``parameters`` ``(draw, path)``; the draws are random, so these are a random subset)
+    rather than over all of them, which would cost several solves of every draw."""
+    if not options.automatic:
+        return fixed_substeps(load.time, load.strain, options)
+    d = min(PLAN_DRAWS, next(iter(parameters.values())).shape[0])
+    sub = {k: v[:d].reshape(-1) for k, v in parameters.items()}
+    temperature = None if load.temperature is None else load.temperature.repeat(1, d)
+    return plan_substeps(model, sub, load.time.repeat(1, d), load.strain.repeat(1, d), options,
+                         temperature, load.mask.repeat(1, d)).substeps
+
+
 def propagate(spec: ModelSpec, parameters: dict[str, torch.Tensor], load: Experiments,
               max_batch: int = 8192, progress: bool = False) -> tuple[torch.Tensor, int]:
     """Noise-free stress ``(draw, path, step)`` for parameters broadcastable to
@@ -257,6 +276,7 @@ def propagate(spec: ModelSpec, parameters: dict[str, torch.Tensor], load: Experi
     n = max(v.shape[0] for v in parameters.values())
     full = {k: v.reshape(v.shape[0], -1).expand(n, n_paths) for k, v in parameters.items()}
     per_piece = max(1, max_batch // n_paths)
+    substeps = prediction_substeps(model, spec.solver, full, load)
     pieces = []
     for start in tqdm(range(0, n, per_piece), disable=not progress, desc="predict",
                       unit="batch"):
@@ -264,7 +284,8 @@ def propagate(spec: ModelSpec, parameters: dict[str, torch.Tensor], load: Experi
         params = {k: v[start:start + d].reshape(-1) for k, v in full.items()}
         temperature = None if load.temperature is None else load.temperature.repeat(1, d)
         stress, _ = simulate(model, params, load.time.repeat(1, d), load.strain.repeat(1, d),
-                             spec.solver, adjoint=False, temperature=temperature)
+                             spec.solver, adjoint=False, temperature=temperature,
+                             substeps=substeps)
         pieces.append(stress.T.reshape(d, n_paths, -1))
     stress = torch.cat(pieces)
     failed = int(torch.isnan(stress).flatten(1).any(-1).sum())
