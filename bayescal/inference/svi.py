@@ -498,6 +498,12 @@ def refine_guide(h: Hierarchy, guide, config: SVIConfig, state: SVIState, optim_
             break
 
 
+#: Newton iterations at most after a re-plan at the MAP: the grid changed the likelihood
+#: little, so the mode moved little; without a bound Newton creeps along the valley of the
+#: spreads (see :func:`fit_map`) for as long as the first stage did.
+REPLAN_ITERATIONS = 8
+
+
 def run_svi(h: Hierarchy, config: SVIConfig = SVIConfig(), seed: int = 0,
             checkpoint_path: Path | None = None, resume: bool = False,
             progress: bool = True, fingerprint: dict[str, str] | None = None,
@@ -550,7 +556,7 @@ def run_svi(h: Hierarchy, config: SVIConfig = SVIConfig(), seed: int = 0,
             if finer is not None:
                 h, packing = finer, Packing(finer, initial_values(finer))
                 state.u_map, state.covariance = fit_map(
-                    packing, state, len(state.losses["map"]) + config.map_iterations,
+                    packing, state, len(state.losses["map"]) + REPLAN_ITERATIONS,
                     config.hessian_step, bar, map_checkpoint)
             state.stage = "guide"
             if writer is not None:
