@@ -261,12 +261,14 @@ def piecewise_linear(T: torch.Tensor, knots: Sequence[float], ordinates: Sequenc
     x = torch.as_tensor(knots, dtype=T.dtype, device=T.device)
     T, *ordinates = torch.broadcast_tensors(T, *ordinates)
     y = torch.stack(ordinates, dim=-1)
-    i = (torch.searchsorted(x, T.detach().contiguous(), right=True) - 1).clamp(0, len(x) - 2)
-    y0 = y.gather(-1, i[..., None])[..., 0]
-    y1 = y.gather(-1, i[..., None] + 1)[..., 0]
-    width = x[i + 1] - x[i]
-    inside = (T > x[0]) & (T < x[-1])
-    u = ((T - x[i]) / width).clamp(0.0, 1.0)
+    # the segment of each T: the number of interior knots at or below it
+    i = (T[..., None] >= x[1:-1]).sum(dim=-1, keepdim=True)
+    y0, y1 = y.gather(-1, i)[..., 0], y.gather(-1, i + 1)[..., 0]
+    x = x.expand_as(y)
+    x0, x1 = x.gather(-1, i)[..., 0], x.gather(-1, i + 1)[..., 0]
+    width = x1 - x0
+    inside = (T > x[..., 0]) & (T < x[..., -1])
+    u = ((T - x0) / width).clamp(0.0, 1.0)
     return y0 + u * (y1 - y0), torch.where(inside, (y1 - y0) / width, torch.zeros_like(T))
 
 
