@@ -160,11 +160,7 @@ def test_residual_reads_the_path_temperature_at_the_stage_times():
     assert torch.isfinite(iso_factory.evaluate_raw(x2, (time, strain))[0]).all()
 
 
-def test_card_defaults_softening_and_bad_settings(tmp_path):
-    spec = load_card(CARD)
-    assert spec.calibrated == ("sy", "Rinf", "d", "C", "m")
-    # a card may leave out parameters with documented defaults: fixed at them
-    minimal = """[model]
+PL_CARD = """[model]
 name = "voce-jc-thermal"
 softening = "piecewise-linear"
 temperatures = [293.0, 500.0, 800.0]
@@ -185,7 +181,33 @@ bounds = [0.1, 1.5]
 prior = [0.8, 0.2]
 varies = "shared"
 """
-    spec = parse_card(minimal, tmp_path / "card.toml")
+
+
+def pl_card_with_ordinates() -> str:
+    """PL_CARD with ``Rinf`` calibrated and the ordinates set one by one: 1 at 293 K (fixed),
+    calibrated at 500 K, 0.5 at 800 K (fixed), so that g has a slope at every temperature
+    between the knots."""
+    return PL_CARD.replace("""[parameters.softening]
+bounds = [0.1, 1.5]
+prior = [0.8, 0.2]
+varies = "shared"
+""", """[parameters.softening_0]
+value = 1.0
+[parameters.softening_1]
+bounds = [0.3, 1.5]
+prior = [0.9, 0.2]
+varies = "shared"
+[parameters.softening_2]
+value = 0.5
+""").replace("[parameters.Rinf]\nvalue = 700.0", "[parameters.Rinf]\nbounds = [100.0, 2000.0]"
+             "\nprior = [700.0, 200.0]\nvaries = 'shared'")
+
+
+def test_card_defaults_softening_and_bad_settings(tmp_path):
+    spec = load_card(CARD)
+    assert spec.calibrated == ("sy", "Rinf", "d", "C", "m")
+    # a card may leave out parameters with documented defaults: fixed at them
+    spec = parse_card(PL_CARD, tmp_path / "card.toml")
     assert spec.calibrated == ("softening_0", "softening_1", "softening_2")
     assert {k: spec.parameters[k].value for k in ("beta", "rho_c", "rate_ad", "T0")} == {
         "beta": 0.9, "rho_c": 3.95, "rate_ad": 1.0, "T0": 293.15}
@@ -196,7 +218,7 @@ varies = "shared"
         'temperatures = [293.0, 500.0]\nsoftening = "johnson-cook"': "only to piecewise",
     }
     for setting, message in bad.items():
-        card = minimal.replace('softening = "piecewise-linear"\ntemperatures = [293.0, 500.0, '
+        card = PL_CARD.replace('softening = "piecewise-linear"\ntemperatures = [293.0, 500.0, '
                                '800.0]', setting)
         with pytest.raises(BadInput, match=message):
             parse_card(card, tmp_path / "card.toml")
@@ -225,9 +247,12 @@ def _load(rates, temperatures, strain=0.25, points=30):
                        "synthetic")
 
 
-def test_bayescal_check_passes_at_high_rate_and_temperature():
+@pytest.mark.parametrize("softening", ["johnson-cook", "piecewise-linear"])
+def test_bayescal_check_passes_at_high_rate_and_temperature(softening, tmp_path):
     load = _load((1000.0, 1e-2), (297.0, 473.0), points=40)
-    results = check_model(load_card(CARD), load)
+    spec = (load_card(CARD) if softening == "johnson-cook"
+            else parse_card(pl_card_with_ordinates(), tmp_path / "card.toml"))
+    results = check_model(spec, load)
     assert all(r.passed for r in results), [(r.name, r.value, r.detail) for r in results]
     byname = {r.name: r for r in results}
     assert byname["jacobian"].value <= 1e-8 and byname["adjoint-gradient"].value <= 1e-5
@@ -275,6 +300,20 @@ def recovery_card() -> str:
                         "bounds = [0.5, 2.0]\nprior = [1.0, 0.3]")
 
 
+def synthetic_map(spec, load, truth, noise=3.0, seed=11):
+    """The MAP of ``spec`` on ``load`` simulated at ``truth`` (shared by every specimen)
+    with Gaussian noise of sd ``noise``."""
+    blank = dataclasses.replace(load, stress=torch.zeros_like(load.time))
+    clean = Hierarchy(spec, blank).simulate(
+        {k: torch.full((load.n_specimens,), v, dtype=torch.float64) for k, v in truth.items()},
+        adjoint=False).T
+    gen = torch.Generator().manual_seed(seed)
+    data = dataclasses.replace(blank, stress=clean + noise * torch.randn(
+        clean.shape, generator=gen, dtype=torch.float64))
+    return fit(spec, data, method="map", config=SVIConfig(map_iterations=60), draws=10, seed=0,
+               progress=False).posterior
+
+
 def test_recovers_parameters_from_three_rates_and_two_temperatures(tmp_path):
     """Synthetic tests at 1e-3, 10 and 2000 /s, each starting at 297 and 473 K, with 3 MPa
     noise: the MAP recovers the softening exponent m (informed by the hot tests and by
@@ -282,17 +321,21 @@ def test_recovers_parameters_from_three_rates_and_two_temperatures(tmp_path):
     spec = parse_card(recovery_card(), tmp_path / "card.toml")
     assert spec.parameters["m"].bounds == (0.5, 2.0) and spec.shared == tuple(TRUTH)
     load = _load((1e-3, 10.0, 2000.0), (297.0, 473.0), strain=0.3, points=40)
-    blank = dataclasses.replace(load, stress=torch.zeros_like(load.time))
-    clean = Hierarchy(spec, blank).simulate(
-        {k: torch.full((load.n_specimens,), v, dtype=torch.float64) for k, v in TRUTH.items()},
-        adjoint=False).T
-    gen = torch.Generator().manual_seed(11)
-    data = dataclasses.replace(blank, stress=clean + 3.0 * torch.randn(
-        clean.shape, generator=gen, dtype=torch.float64))
-    idata = fit(spec, data, method="map", config=SVIConfig(map_iterations=60), draws=10, seed=0,
-                progress=False)
-    post = idata.posterior
+    post = synthetic_map(spec, load, TRUTH)
     for name, truth in TRUTH.items():
         got = float(post[name].mean())
         assert got == pytest.approx(truth, rel=0.05), (name, got, truth)
     assert float(post["noise_sd"].mean()) == pytest.approx(3.0, rel=0.2)
+
+
+def test_recovers_a_piecewise_linear_softening_ordinate(tmp_path):
+    """Temperature-dependent parameters: tests at 297 and 473 K (quasi-static, so no heating)
+    recover the ordinate at 500 K of piecewise-linear softening (the one at 293 K fixed at 1,
+    which makes the flow stress at 297 K inform Rinf alone)."""
+    spec = parse_card(pl_card_with_ordinates(), tmp_path / "card.toml")
+    assert spec.calibrated == ("Rinf", "softening_1")
+    load = _load((1e-3,), (297.0, 473.0), strain=0.2, points=30)
+    truth = {"Rinf": 820.0, "softening_1": 0.7}
+    post = synthetic_map(spec, load, truth)
+    for name, value in truth.items():
+        assert float(post[name].mean()) == pytest.approx(value, rel=0.02), name
