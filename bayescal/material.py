@@ -429,12 +429,12 @@ class StrainControlledResidual(torch.nn.Module, NonlinearFunctionOperatorFactory
         stages = like.unflatten(-1, (s, n))  # (step, batch, stage, n)
         x_prev = x_full[:-1, ..., None, (s - 1) * n:]  # (step, batch, 1, n)
         p = self.params()
-        stage_temperature = None
-        if temperature:  # linear in time within a step, like strain
-            T = temperature[0][..., 0]
-            stage_temperature = T[:-1, ..., None] + c * torch.diff(T, dim=0)[..., None]
+        # a thermal model's forces carry the path's temperature: linear in time within a
+        # step, like strain (isothermal models keep their two-argument rate)
+        stage_temperature = [T[:-1, ..., None] + c * torch.diff(T, dim=0)[..., None]
+                             for T in (f[..., 0] for f in temperature)]
         rate, jac = self.model.rate(stages, {k: v[..., None] for k, v in p.items()},
-                                    stage_temperature)
+                                    *stage_temperature)
         coupling = self.model.strain_coupling(p, x_prev[..., 0, :])[..., None, :]
         combined = torch.einsum("ij,...jn->...in", a, rate)
         R = stages - x_prev - dt * combined - (c[:, None] * dstrain) * coupling
