@@ -11,11 +11,11 @@ import os
 import tomllib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from bayescal.data import check_input_file
 from bayescal.errors import BadInput
-from bayescal.material import MODELS, Integrable, get_model
+from bayescal.material import MODELS, SOFTENINGS, Integrable, MaterialModel, get_model
 from bayescal.schemes import SCHEMES
 from bayescal.simulate import SolverOptions
 
@@ -71,6 +71,9 @@ class ModelSpec:
     text: str = ""  # the card's TOML text, stored with a fit's output
     compile: bool = False
     neml2_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    #: a built-in model's settings from ``[model]`` (a thermal model's ``softening`` and
+    #: ``temperatures``)
+    options: dict[str, Any] = field(default_factory=dict)
 
     @property
     def calibrated(self) -> tuple[str, ...]:
@@ -125,16 +128,21 @@ def parse_card(text: str, path: str | os.PathLike) -> ModelSpec:
     if "model" not in card:
         raise BadInput(f"{path}: missing [model] table")
 
-    model = _Table(path, "model", card["model"], ("name", "backend", "file", "system", "compile"))
+    model = _Table(path, "model", card["model"],
+                   ("name", "backend", "file", "system", "compile") + MODEL_OPTIONS)
     backend = model.string("backend", "builtin")
     if backend not in BACKENDS:
         raise model.error(f"backend {backend!r} must be one of {', '.join(map(repr, BACKENDS))}")
     parameters = _Table(path, "parameters", card.get("parameters", {}), allowed=None)
+    options: dict[str, Any] = {}
     if backend == "builtin":
-        name, file, system, names = _builtin(model, parameters)
+        name, options, names, defaults = _builtin(model, parameters)
+        file = system = None
     else:
         name, file, system, names = _neml2(model, parameters)
-    specs = {n: _parameter(path, n, parameters.data[n]) for n in names}
+        defaults = {}
+    specs = {n: (_parameter(path, n, parameters.data[n]) if n in parameters.data
+                 else ParameterSpec(n, defaults[n], None, None, "fixed")) for n in names}
     shapes = _neml2_shapes(model, file, system, specs) if backend == "neml2" else {}
     if shapes:
         from bayescal.neml2_backend import component_names
@@ -181,6 +189,7 @@ def parse_card(text: str, path: str | os.PathLike) -> ModelSpec:
         text=text,
         compile=model.boolean("compile", False),
         neml2_shapes=shapes,
+        options=options,
     )
 
 
@@ -188,7 +197,7 @@ def load_model(spec: ModelSpec, compile: bool | None = None) -> Integrable:
     """The card's model: a built-in one, or the NEML2 system (compiled with ``compile``,
     default: the card's ``[model] compile``)."""
     if spec.backend == "builtin":
-        return get_model(spec.model)
+        return get_model(spec.model, **spec.options)
     from bayescal.neml2_backend import NEML2Model
 
     return NEML2Model(spec.file, spec.system, spec.neml2_shapes,
@@ -196,8 +205,11 @@ def load_model(spec: ModelSpec, compile: bool | None = None) -> Integrable:
                       where=f"{spec.path}: [model]")
 
 
-def _builtin(model: _Table, parameters: _Table) -> tuple[str, None, None, tuple[str, ...]]:
-    """Model name and parameter names of a built-in model card."""
+def _builtin(model: _Table, parameters: _Table
+             ) -> tuple[str, dict[str, Any], tuple[str, ...], Mapping[str, float]]:
+    """Model name, settings, parameter names and parameter defaults of a built-in model
+    card. A table for the parameter group ``softening`` (piecewise-linear ordinates) applies
+    to each of its ordinates ``softening_0`` ..."""
     known = ", ".join(sorted(MODELS))
     for key in ("file", "system", "compile"):
         if key in model.data:
@@ -207,16 +219,56 @@ def _builtin(model: _Table, parameters: _Table) -> tuple[str, None, None, tuple[
         raise model.error(f"missing name (built-in models: {known})")
     if name not in MODELS:
         raise model.error(f"unknown model {name!r} (built-in models: {known})")
-    names = MODELS[name].parameters
+    options = _model_options(model, MODELS[name])
+    names = get_model(name, **options).parameters
+    defaults = MODELS[name].defaults
+    groups = {n.rsplit("_", 1)[0] for n in names if n.startswith("softening_")}
+    for group in groups & set(parameters.data):
+        members = [n for n in names if n.startswith(group + "_")]
+        given = [n for n in members if n in parameters.data]
+        if given:
+            raise BadInput(f"{model.path}: [parameters.{group}] and [parameters.{given[0]}]: "
+                           f"give the group or its ordinates, not both")
+        for n in members:
+            parameters.data[n] = parameters.data[group]
+        del parameters.data[group]
     for given in parameters.data:
         if given not in names:
             raise BadInput(f"{model.path}: [parameters.{given}] unknown parameter for {name} "
                            f"(parameters: {', '.join(names)})")
     for needed in names:
-        if needed not in parameters.data:
+        if needed not in parameters.data and needed not in defaults:
             raise BadInput(f"{model.path}: [parameters.{needed}] missing: every parameter of "
                            f"{name} needs at least a value")
-    return name, None, None, names
+    return name, options, names, defaults
+
+
+#: ``[model]`` settings of built-in thermal models.
+MODEL_OPTIONS = ("softening", "temperatures")
+
+
+def _model_options(model: _Table, cls: type[MaterialModel]) -> dict[str, Any]:
+    """A built-in model's settings from ``[model]``, validated."""
+    given = [key for key in MODEL_OPTIONS if key in model.data]
+    if given and not cls.thermal:
+        raise model.error(f"{given[0]} applies only to a thermal model "
+                          f"({', '.join(n for n, c in MODELS.items() if c.thermal)})")
+    options: dict[str, Any] = {}
+    if "softening" in model.data:
+        options["softening"] = model.string("softening")
+        if options["softening"] not in SOFTENINGS:
+            raise model.error(f"softening {options['softening']!r} must be one of "
+                              f"{', '.join(map(repr, SOFTENINGS))}")
+    if "temperatures" in model.data:
+        raw = model.data["temperatures"]
+        if not (isinstance(raw, list) and all(map(_is_finite_number, raw))):
+            raise model.error(f"temperatures must be a list of numbers (K), got {raw!r}")
+        options["temperatures"] = [float(t) for t in raw]
+    try:
+        cls(**options)
+    except ValueError as exc:
+        raise model.error(str(exc)) from None
+    return options
 
 
 def _neml2(model: _Table, parameters: _Table) -> tuple[str, Path, str, tuple[str, ...]]:

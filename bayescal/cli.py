@@ -334,13 +334,67 @@ def _add_summary(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("posterior", metavar="POSTERIOR.nc", help="a fit's posterior.nc")
     parser.add_argument("--population", action="store_true",
                         help="only population-level variables (no per-specimen rows)")
+    _misfit_option(parser, "default: none")
     return parser
 
 
 def _run_summary(args: argparse.Namespace) -> int:
     from bayescal.summary import format_summary, load_posterior
 
-    print(format_summary(load_posterior(args.posterior), population_only=args.population))
+    from bayescal.compare import format_misfit
+
+    idata = load_posterior(args.posterior)
+    misfits = [format_misfit({"": idata}, by) for by in args.by or ()]  # bad labels first
+    print(format_summary(idata, population_only=args.population))
+    for misfit in misfits:
+        print()
+        print(misfit)
+    return 0
+
+
+# ----------------------------------------------------------------------------------- compare
+
+
+def _add_compare(subparsers) -> argparse.ArgumentParser:
+    parser = _command(
+        subparsers, "compare", "leave-one-specimen-out PSIS-LOO of fits of the same data",
+        "Compare fits of the same data by leave-one-specimen-out PSIS-LOO (arviz.compare on "
+        "each fit's per-specimen log likelihood): elpd, its se, the difference to the best "
+        "and its se, stacking weights, Pareto k warnings; and the misfit of each fit by label.")
+    parser.add_argument("posteriors", metavar="POSTERIOR.nc", nargs="+",
+                        help="two or more fits' posterior.nc")
+    _misfit_option(parser, "default: every label of the data")
+    parser.add_argument("--out", metavar="FIG.png",
+                        help="write ArviZ's compare plot here (.png, .pdf, .svg, ...)")
+    return parser
+
+
+def _misfit_option(parser: argparse.ArgumentParser, default: str) -> None:
+    parser.add_argument("--by", metavar="LABEL", action="append",
+                        help="rms misfit (data minus posterior-predictive mean) by this label "
+                             f"column, or 'specimen'; repeatable ({default})")
+
+
+def _run_compare(args: argparse.Namespace) -> int:
+    from bayescal.compare import (compare_fits, fit_names, format_comparison, format_misfit,
+                                  labels, plot_comparison)
+    from bayescal.summary import load_posterior
+
+    if len(args.posteriors) < 2:
+        raise BadInput("compare needs at least two fits (POSTERIOR.nc files)")
+    names = fit_names(args.posteriors)
+    fits = {name: load_posterior(path) for name, path in zip(names, args.posteriors)}
+    paths = dict(zip(names, args.posteriors))
+    table, high = compare_fits(fits, paths)
+    first = next(iter(fits.values()))
+    misfits = [format_misfit(fits, by) for by in args.by or list(labels(first))]
+    print(format_comparison(table, high, first.observed_data.sizes["specimen"]))
+    for misfit in misfits:
+        print()
+        print(misfit)
+    if args.out:
+        plot_comparison(table, args.out)
+        print(f"\nwrote {args.out}")
     return 0
 
 
@@ -487,6 +541,7 @@ COMMANDS: dict[str, tuple[Callable, Callable[[argparse.Namespace], int]]] = {
     "simulate": (_add_simulate, _run_simulate),
     "fit": (_add_fit, _run_fit),
     "summary": (_add_summary, _run_summary),
+    "compare": (_add_compare, _run_compare),
     "predict": (_add_predict, _run_predict),
     "import": (_add_import, _run_import),
     "plot": (_add_plot, _run_plot),

@@ -102,12 +102,20 @@ class MaterialModel(Integrable):
     def n_state(self) -> int:
         return len(self.state_names)
 
+    #: Whether :meth:`rate` uses the path's temperature (the model is driven by it).
+    thermal: ClassVar[bool] = False
+    #: Parameters a card may omit, fixed at these values (documented defaults).
+    defaults: ClassVar[Mapping[str, float]] = {}
+
     @abstractmethod
-    def rate(self, state: torch.Tensor, p: Params) -> tuple[torch.Tensor, torch.Tensor]:
+    def rate(self, state: torch.Tensor, p: Params, temperature: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
         """State rate at fixed total strain and its Jacobian ``d rate / d state``.
 
         ``state`` has shape ``(..., n_state)``; returns ``(..., n_state)`` and
-        ``(..., n_state, n_state)``.
+        ``(..., n_state, n_state)``. ``temperature`` (K, shape ``state.shape[:-1]``) is the
+        path's temperature at the state's time, or None where the path has none; only
+        :attr:`thermal` models read it.
         """
 
     def strain_coupling(self, p: Params, like: torch.Tensor) -> torch.Tensor:
@@ -129,7 +137,10 @@ class MaterialModel(Integrable):
         return SCHEMES[scheme].order
 
     def forces(self, time, strain, temperature=None):
-        """Time and strain (the built-in models are isothermal: temperature is not used)."""
+        """Time and strain, and for a :attr:`thermal` model the path's temperature where
+        it has one (isothermal models do not use it)."""
+        if self.thermal and temperature is not None:
+            return time[..., None], strain[..., None], temperature[..., None]
         return time[..., None], strain[..., None]
 
     def stress(self, state: torch.Tensor) -> torch.Tensor:
@@ -148,6 +159,13 @@ def _power_flow(f: torch.Tensor, eta: torch.Tensor, n: torch.Tensor):
     return p_dot, dp_df
 
 
+def _jc_flow(f: torch.Tensor, C: torch.Tensor, eps0: torch.Tensor):
+    """Johnson-Cook-type flow ``eps0 (exp(<f>/C) - 1)`` and its derivative with respect to f."""
+    active = f > 0
+    expo = torch.exp(torch.where(active, f, torch.zeros_like(f)) / C)
+    return eps0 * (expo - 1.0), torch.where(active, eps0 / C * expo, torch.zeros_like(f))
+
+
 class PerzynaVoce(MaterialModel):
     """Elastic-viscoplastic with Voce isotropic hardening; state (sigma, R)."""
 
@@ -156,7 +174,7 @@ class PerzynaVoce(MaterialModel):
     state_names = ("stress", "R")
     summary = "Perzyna overstress flow, Voce isotropic hardening"
 
-    def rate(self, state, p):
+    def rate(self, state, p, temperature=None):
         sigma, R = state[..., 0], state[..., 1]
         sign = torch.sign(sigma)
         f = sigma.abs() - (p["sy"] + R)
@@ -179,7 +197,7 @@ class Chaboche(MaterialModel):
     state_names = ("stress", "R", "X")
     summary = "Perzyna flow, Voce isotropic + Armstrong-Frederick kinematic hardening"
 
-    def rate(self, state, p):
+    def rate(self, state, p, temperature=None):
         sigma, R, X = state[..., 0], state[..., 1], state[..., 2]
         sign = torch.sign(sigma - X)
         f = (sigma - X).abs() - (p["sy"] + R)
@@ -204,16 +222,13 @@ class VoceJC(MaterialModel):
     state_names = ("stress", "R")
     summary = "Johnson-Cook-type logarithmic rate sensitivity, Voce isotropic hardening"
 
-    def rate(self, state, p):
+    def rate(self, state, p, temperature=None):
         sigma, R = state[..., 0], state[..., 1]
         sign = torch.sign(sigma)
-        E, d, Rinf, C, eps0 = p["E"], p["d"], p["Rinf"], p["C"], p["eps0"]
+        E, d, Rinf = p["E"], p["d"], p["Rinf"]
         flow = p["sy"] + R
         f = sigma.abs() / flow - 1.0
-        active = f > 0
-        expo = torch.exp(torch.where(active, f, torch.zeros_like(f)) / C)
-        p_dot = eps0 * (expo - 1.0)
-        dp_df = torch.where(active, eps0 / C * expo, torch.zeros_like(f))
+        p_dot, dp_df = _jc_flow(f, p["C"], p["eps0"])
         df_dsigma = sign / flow
         df_dR = -sigma.abs() / flow**2
         h = d * (Rinf - R)
@@ -225,14 +240,140 @@ class VoceJC(MaterialModel):
         return rate, jac
 
 
+def johnson_cook_softening(T: torch.Tensor, p: Params) -> tuple[torch.Tensor, torch.Tensor]:
+    """Johnson-Cook thermal softening ``1 - T*^m``, ``T* = <T - Tref> / (Tmelt - Tref)``,
+    and its derivative with respect to T. No softening below ``Tref`` (where ``T*^m`` has
+    no real value for a fractional ``m``)."""
+    span = p["Tmelt"] - p["Tref"]
+    above = T > p["Tref"]
+    star = torch.where(above, (T - p["Tref"]) / span, torch.ones_like(T))
+    power = star ** p["m"]
+    g = torch.where(above, 1.0 - power, torch.ones_like(T))
+    dg = torch.where(above, -p["m"] * power / star / span, torch.zeros_like(T))
+    return g, dg
+
+
+def piecewise_linear(T: torch.Tensor, knots: Sequence[float], ordinates: Sequence[torch.Tensor]
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Linear interpolation of ``ordinates`` (each broadcastable against ``T``) at
+    increasing temperatures ``knots``, constant beyond the first and last knot; returns the
+    value and its derivative with respect to T."""
+    x = torch.as_tensor(knots, dtype=T.dtype, device=T.device)
+    T, *ordinates = torch.broadcast_tensors(T, *ordinates)
+    y = torch.stack(ordinates, dim=-1)
+    # the segment of each T: the number of interior knots at or below it
+    i = (T[..., None] >= x[1:-1]).sum(dim=-1, keepdim=True)
+    y0, y1 = y.gather(-1, i)[..., 0], y.gather(-1, i + 1)[..., 0]
+    x = x.expand_as(y)
+    x0, x1 = x.gather(-1, i)[..., 0], x.gather(-1, i + 1)[..., 0]
+    width = x1 - x0
+    inside = (T > x[..., 0]) & (T < x[..., -1])
+    u = ((T - x0) / width).clamp(0.0, 1.0)
+    return y0 + u * (y1 - y0), torch.where(inside, (y1 - y0) / width, torch.zeros_like(T))
+
+
+#: How a thermal model softens with temperature: the ``[model] softening`` of a card.
+SOFTENINGS = ("johnson-cook", "piecewise-linear")
+
+
+class VoceJCThermal(MaterialModel):
+    """:class:`VoceJC` with temperature: thermal softening of the flow stress and
+    Taylor-Quinney heating by plastic work; state (sigma, R, heating).
+
+    The temperature is ``T = T_path(t) + heating``: the path's temperature (the data's
+    ``temperature`` column, or the parameter ``T0`` where there is none) plus the rise
+    from plastic work, which is the state (zero at the first point). Writing the state as
+    the rise, not as T itself, keeps the initial state zero, keeps a temperature history in
+    the data (a furnace ramp) driving the model, and gives the state a size (tens of K)
+    comparable to the stresses in one residual norm. The rise follows
+    ``heating_dot = chi beta |sigma| p_dot / rho_c`` with the adiabatic fraction
+    ``chi = p_dot / (p_dot + rate_ad)``: heat leaves a slowly strained bar (chi -> 0) and
+    has no time to at high rates (chi -> 1).
+
+    The flow stress ``(sy + R)`` is multiplied by ``g(T)``: Johnson-Cook ``1 - T*^m`` by
+    default, or, with ``softening = "piecewise-linear"`` and knot ``temperatures``, the
+    linear interpolation of calibratable ordinates ``softening_0 ..`` (a temperature
+    dependence of any shape, fitted from tests at several temperatures).
+    """
+
+    name = "voce-jc-thermal"
+    thermal = True
+    base = ("E", "sy", "Rinf", "d", "C", "eps0")
+    heat = ("beta", "rho_c", "rate_ad", "T0")
+    parameters = base + ("Tref", "Tmelt", "m") + heat
+    state_names = ("stress", "R", "heating")
+    summary = ("voce-jc with temperature: Johnson-Cook (or piecewise-linear) thermal softening, "
+               "Taylor-Quinney heating")
+    #: Steel values: Taylor-Quinney coefficient 0.9, rho c of 304L (7.9 g/cm3 x 0.5 J/(g K)
+    #: = 3.95 MPa/K), a transition from isothermal to adiabatic around 1 /s, room
+    #: temperature, and Johnson-Cook's reference and melting temperatures of 304L.
+    defaults = {"beta": 0.9, "rho_c": 3.95, "rate_ad": 1.0, "T0": 293.15, "Tref": 293.15,
+                "Tmelt": 1673.0}
+
+    def __init__(self, softening: str = "johnson-cook",
+                 temperatures: Sequence[float] | None = None) -> None:
+        if softening not in SOFTENINGS:
+            raise ValueError(f"softening {softening!r} must be one of {SOFTENINGS}")
+        knots = tuple(float(t) for t in temperatures or ())
+        if softening == "piecewise-linear":
+            if len(knots) < 2 or any(b <= a for a, b in zip(knots, knots[1:])):
+                raise ValueError("piecewise-linear softening needs at least two increasing "
+                                 "temperatures")
+            self.parameters = self.base + tuple(
+                f"softening_{i}" for i in range(len(knots))) + self.heat
+        elif knots:
+            raise ValueError("temperatures apply only to piecewise-linear softening")
+        self.softening, self.temperatures = softening, knots
+
+    def temperature(self, state: torch.Tensor, p: Params,
+                    temperature: torch.Tensor | None = None) -> torch.Tensor:
+        """Temperature (K) of a state: the path's (or ``T0``) plus the heating."""
+        ambient = p["T0"] if temperature is None else temperature
+        return ambient + state[..., 2]
+
+    def softening_factor(self, T: torch.Tensor, p: Params) -> tuple[torch.Tensor, torch.Tensor]:
+        """``g(T)`` and ``dg/dT``."""
+        if self.softening == "johnson-cook":
+            return johnson_cook_softening(T, p)
+        ordinates = [p[f"softening_{i}"] for i in range(len(self.temperatures))]
+        return piecewise_linear(T, self.temperatures, ordinates)
+
+    def rate(self, state, p, temperature=None):
+        sigma, R = state[..., 0], state[..., 1]
+        sign = torch.sign(sigma)
+        E, d, Rinf = p["E"], p["d"], p["Rinf"]
+        g, dg = self.softening_factor(self.temperature(state, p, temperature), p)
+        hard = p["sy"] + R
+        flow = g * hard
+        f = sigma.abs() / flow - 1.0
+        p_dot, q = _jc_flow(f, p["C"], p["eps0"])
+        df = (sign / flow, -sigma.abs() / flow**2 * g, -sigma.abs() / flow**2 * hard * dg)
+        h = d * (Rinf - R)
+        # heating per unit plastic work: chi(p_dot) p_dot = p_dot^2 / (p_dot + rate_ad)
+        k = p["beta"] / p["rho_c"]
+        a = p["rate_ad"]
+        work = p_dot**2 / (p_dot + a)
+        dwork = q * p_dot * (p_dot + 2 * a) / (p_dot + a) ** 2  # d work / d f
+        heating = k * sigma.abs() * work
+        rate = _stack([-E * p_dot * sign, h * p_dot, heating])
+        jac = _stack_jacobian([
+            [-E * q * dfi * sign for dfi in df],
+            [h * q * df[0], -d * p_dot + h * q * df[1], h * q * df[2]],
+            [k * (sign * work + sigma.abs() * dwork * df[0]),
+             k * sigma.abs() * dwork * df[1], k * sigma.abs() * dwork * df[2]],
+        ])
+        return rate, jac
+
+
 MODELS: dict[str, type[MaterialModel]] = {
-    cls.name: cls for cls in (PerzynaVoce, Chaboche, VoceJC)
+    cls.name: cls for cls in (PerzynaVoce, Chaboche, VoceJC, VoceJCThermal)
 }
 
 
-def get_model(name: str) -> MaterialModel:
-    """Instantiate a built-in model by name."""
-    return MODELS[name]()
+def get_model(name: str, **options) -> MaterialModel:
+    """Instantiate a built-in model by name (``options``: a model's settings from the card's
+    ``[model]`` table, e.g. a thermal model's ``softening``)."""
+    return MODELS[name](**options)
 
 
 class StrainControlledResidual(torch.nn.Module, NonlinearFunctionOperatorFactory):
@@ -248,7 +389,9 @@ class StrainControlledResidual(torch.nn.Module, NonlinearFunctionOperatorFactory
     for every stage. Backward Euler is the one-stage case, ``R = x_k - x_{k-1} - dt
     rate(x_k) - coupling * (strain_k - strain_{k-1})``.
 
-    Forces are ``(time, strain)``, each of shape ``(step, batch, 1)``. Parameter tensors are
+    Forces are ``(time, strain)``, each of shape ``(step, batch, 1)``, and for a thermal
+    model the path's temperature where it has one (linear in time within a step, passed to
+    :meth:`MaterialModel.rate` at the stage times). Parameter tensors are
     held as attributes; those that require grad are listed in ``converted_params`` so that
     :func:`pyzag.nonlinear.solve_adjoint` differentiates with respect to them.
     """
@@ -276,7 +419,7 @@ class StrainControlledResidual(torch.nn.Module, NonlinearFunctionOperatorFactory
         return {key: getattr(self, key) for key in self.model.parameters}
 
     def evaluate_raw(self, x_full, forces):
-        time, strain = forces
+        time, strain, *temperature = forces
         s, n = self.scheme.stages, self.model.n_state
         like = x_full[1:]
         a = torch.tensor(self.scheme.a, dtype=like.dtype, device=like.device)
@@ -286,7 +429,12 @@ class StrainControlledResidual(torch.nn.Module, NonlinearFunctionOperatorFactory
         stages = like.unflatten(-1, (s, n))  # (step, batch, stage, n)
         x_prev = x_full[:-1, ..., None, (s - 1) * n:]  # (step, batch, 1, n)
         p = self.params()
-        rate, jac = self.model.rate(stages, {k: v[..., None] for k, v in p.items()})
+        # a thermal model's forces carry the path's temperature: linear in time within a
+        # step, like strain (isothermal models keep their two-argument rate)
+        stage_temperature = [T[:-1, ..., None] + c * torch.diff(T, dim=0)[..., None]
+                             for T in (f[..., 0] for f in temperature)]
+        rate, jac = self.model.rate(stages, {k: v[..., None] for k, v in p.items()},
+                                    *stage_temperature)
         coupling = self.model.strain_coupling(p, x_prev[..., 0, :])[..., None, :]
         combined = torch.einsum("ij,...jn->...in", a, rate)
         R = stages - x_prev - dt * combined - (c[:, None] * dstrain) * coupling

@@ -247,12 +247,12 @@ def test_model_not_a_table(tmp_path):
 
 def test_missing_model_name(tmp_path):
     assert bad(tmp_path, edit('name = "perzyna-voce"\n', "")) == (
-        "card.toml: [model] missing name (built-in models: chaboche, perzyna-voce, voce-jc)")
+        "card.toml: [model] missing name (built-in models: chaboche, perzyna-voce, voce-jc, voce-jc-thermal)")
 
 
 def test_unknown_model(tmp_path):
     assert bad(tmp_path, edit('"perzyna-voce"', '"perzyna"')) == (
-        "card.toml: [model] unknown model 'perzyna' (built-in models: chaboche, perzyna-voce, voce-jc)")
+        "card.toml: [model] unknown model 'perzyna' (built-in models: chaboche, perzyna-voce, voce-jc, voce-jc-thermal)")
 
 
 def test_model_name_must_be_a_string(tmp_path):
@@ -394,7 +394,8 @@ def test_noise_prior_scale_positive(tmp_path, value):
 
 @pytest.mark.parametrize("old, new, message", [
     ('name = "perzyna-voce"', 'name = "perzyna-voce"\nnmae = "x"',
-     "[model] unknown key 'nmae' (allowed: name, backend, file, system, compile)"),
+     "[model] unknown key 'nmae' (allowed: name, backend, file, system, compile, softening, "
+     "temperatures)"),
     ("n_chunk = 10", "n_chunk = 10\nnchunk = 5\nsub_steps = 2",
      "[solver] unknown key 'nchunk', 'sub_steps' (allowed: n_chunk, scheme, tolerance, substeps, transient_substeps, rtol, atol)"),
     ("prior_scale = 5.0", "prior_scale = 5.0\nscale = 1.0",

@@ -103,7 +103,10 @@ def test_solver_checks_pass_on_a_short_path(card, short_load):
     assert "max" in integration.detail and "51 recorded points" in integration.detail
     order = float(integration.detail.split("observed order ")[1])
     assert order >= 1.8, integration.detail
-    assert results[4].passed and 0 < values["response"] < 0.5
+    # most steps are inelastic, except that after the hold's relaxation the state sits on
+    # the yield surface (f ~ 1e-13), where a step's flow is zero or not by rounding: the
+    # hold's ~190 sub-steps count as elastic for voce-jc-thermal and not for voce-jc
+    assert results[4].passed and 0 < values["response"] < 0.75
 
 
 def test_checks_run_on_several_padded_paths(tmp_path):

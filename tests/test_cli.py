@@ -52,16 +52,18 @@ def test_commands_are_registered_in_one_table():
     assert {"models", "check", "simulate"} <= set(COMMANDS)
 
 
-def test_models_lists_the_three_models(capsys):
+def test_models_lists_the_built_in_models(capsys):
     status, out, err = run(capsys, "models")
     assert status == 0 and err == ""
     lines = out.splitlines()
     assert lines[0].split() == ["model", "parameters", "state", "summary"]
     rows = {line.split()[0]: line for line in lines[1:]}
-    assert set(rows) == {"perzyna-voce", "chaboche", "voce-jc"}
+    assert set(rows) == {"perzyna-voce", "chaboche", "voce-jc", "voce-jc-thermal"}
     assert "E, sy, Rinf, d, eta, n" in rows["perzyna-voce"] and "stress, R" in rows["perzyna-voce"]
     assert "E, sy, Rinf, d, C, g, eta, n" in rows["chaboche"] and "stress, R, X" in rows["chaboche"]
     assert "E, sy, Rinf, d, C, eps0" in rows["voce-jc"]
+    assert ("E, sy, Rinf, d, C, eps0, Tref, Tmelt, m, beta, rho_c, rate_ad, T0"
+            in rows["voce-jc-thermal"] and "stress, R, heating" in rows["voce-jc-thermal"])
 
 
 def test_python_dash_m_bayescal_runs():
@@ -247,7 +249,7 @@ def test_unknown_model(capsys, tmp_path):
     card.write_text('[model]\nname = "johnson-cook"\n')
     one_line_error(capsys, ["check", card],
                    f"{card}: [model] unknown model 'johnson-cook' "
-                   "(built-in models: chaboche, perzyna-voce, voce-jc)")
+                   "(built-in models: chaboche, perzyna-voce, voce-jc, voce-jc-thermal)")
 
 
 def test_missing_load_file(capsys, tmp_path):

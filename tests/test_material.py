@@ -69,7 +69,7 @@ CASES = [(name, regime, sign) for name in PARAMS for regime in ("elastic", "plas
 
 
 def test_registry_has_the_contract_models():
-    assert set(MODELS) == {"perzyna-voce", "chaboche", "voce-jc"}
+    assert set(MODELS) == {"perzyna-voce", "chaboche", "voce-jc", "voce-jc-thermal"}
     assert get_model("perzyna-voce").parameters == ("E", "sy", "Rinf", "d", "eta", "n")
     assert get_model("chaboche").parameters == ("E", "sy", "Rinf", "d", "C", "g", "eta", "n")
     assert get_model("voce-jc").parameters == ("E", "sy", "Rinf", "d", "C", "eps0")
