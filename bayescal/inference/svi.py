@@ -294,8 +294,9 @@ MAX_STEP = 2.0
 
 
 def fit_map(packing: Packing, state: SVIState, max_iterations: int, step: float, progress,
-            checkpoint: Callable[[SVIState], None] | None = None
-            ) -> tuple[torch.Tensor, torch.Tensor]:
+            checkpoint: Callable[[SVIState], None] | None = None,
+            refine: Callable[[Packing, torch.Tensor], Packing | None] | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor, Packing]:
     """MAP by damped Newton with the finite-difference Hessian, and the Laplace covariance.
 
     Each iteration solves one batch for the gradient and Hessian and one batch for a line
@@ -313,10 +314,52 @@ def fit_map(packing: Packing, state: SVIState, max_iterations: int, step: float,
     ``state.stage`` is "map"), and ``checkpoint(state)`` is called after every step taken,
     so that a long MAP stage killed part-way resumes where it was (the iteration is
     deterministic: the resumed run takes the same steps).
+
+    ``refine(packing, u)`` is called once, near the mode (the first step that gains less
+    than :data:`REFINE_GAIN` nats, or at the end): it may return a packing of a hierarchy on
+    a finer integration grid, on which the iteration goes on from the same point (at the
+    end: for at most :data:`REFINE_ITERATIONS` more). Returns the point, the covariance and
+    the packing they belong to.
     """
     u = packing.u0.clone() if state.u_map is None else state.u_map.clone()
     h = packing.h
-    for _ in range(max_iterations - len(state.losses["map"])):
+    budget = max_iterations - len(state.losses["map"])
+    while True:
+        u, paused = _newton(packing, state, u, budget, step, progress, checkpoint,
+                            None if refine is None else REFINE_GAIN)
+        if refine is None:
+            break
+        finer = refine(packing, u)
+        refine = None
+        if finer is not None:
+            packing, h = finer, finer.h
+        if paused:  # paused near the mode to refine: go on with the rest of the budget
+            budget = max_iterations - len(state.losses["map"])
+        elif finer is not None:
+            budget = REFINE_ITERATIONS
+        else:
+            break
+    if not h.centered and h.spec.varying:
+        u = packing.spread_at_specimens(u.detach()[None])[0]
+    value, grad, neg_hessian = gradient_and_hessian(packing, u, step)
+    eigval, eigvec = _floored(neg_hessian)
+    return u.detach(), (eigvec / eigval) @ eigvec.T, packing
+
+
+#: ``fit_map`` offers the grid refinement once a Newton step gains less than this (nats).
+REFINE_GAIN = 1.0
+#: Newton iterations at most after a refinement offered once Newton had stopped: the grid
+#: changed the likelihood little, so the mode moved little; without a bound Newton creeps
+#: along the valley of the spreads (see :func:`fit_map`) for as long as the first stage did.
+REFINE_ITERATIONS = 8
+
+
+def _newton(packing: Packing, state: SVIState, u: torch.Tensor, iterations: int, step: float,
+            progress, checkpoint, pause_gain: float | None) -> tuple[torch.Tensor, bool]:
+    """Damped Newton steps of :func:`fit_map` from ``u``; returns the point and whether it
+    paused after a step that gained less than ``pause_gain``."""
+    h = packing.h
+    for _ in range(iterations):
         value, grad, neg_hessian = gradient_and_hessian(packing, u, step)
         state.losses["map"].append(-value)
         eigval, eigvec = _floored(neg_hessian)
@@ -349,11 +392,9 @@ def fit_map(packing: Packing, state: SVIState, max_iterations: int, step: float,
         if checkpoint is not None:
             state.u_map = u.clone()
             checkpoint(state)
-    if not h.centered and h.spec.varying:
-        u = packing.spread_at_specimens(u.detach()[None])[0]
-    value, grad, neg_hessian = gradient_and_hessian(packing, u, step)
-    eigval, eigvec = _floored(neg_hessian)
-    return u.detach(), (eigvec / eigval) @ eigvec.T
+        if pause_gain is not None and float(trial[best]) - value < pause_gain:
+            return u, True
+    return u, False
 
 
 class _Whitened:
@@ -498,10 +539,11 @@ def refine_guide(h: Hierarchy, guide, config: SVIConfig, state: SVIState, optim_
             break
 
 
-#: Newton iterations at most after a re-plan at the MAP: the grid changed the likelihood
-#: little, so the mode moved little; without a bound Newton creeps along the valley of the
-#: spreads (see :func:`fit_map`) for as long as the first stage did.
-REPLAN_ITERATIONS = 8
+def _refined_packing(replan: Callable[[Hierarchy, dict], Hierarchy | None], packing: Packing,
+                     u: torch.Tensor) -> Packing | None:
+    """``replan`` at the point ``u`` of ``packing``, as a packing (None: no change)."""
+    finer = replan(packing.h, packing.point(u))
+    return None if finer is None else Packing(finer, initial_values(finer))
 
 
 def run_svi(h: Hierarchy, config: SVIConfig = SVIConfig(), seed: int = 0,
@@ -511,9 +553,10 @@ def run_svi(h: Hierarchy, config: SVIConfig = SVIConfig(), seed: int = 0,
             ) -> SVIResult:
     """Fit the hierarchy: MAP (+ Laplace), then SVI of the chosen guide unless ``delta``.
 
-    ``replan(h, map_values)``, called once at the MAP, may return a hierarchy on a finer
-    integration grid (see :func:`bayescal.fit.replan_at_map`): the MAP is then continued
-    from the same point on it, and everything after uses it (``SVIResult.hierarchy``).
+    ``replan(h, map_values)``, called once near the MAP, may return a hierarchy on a finer
+    integration grid (see :func:`bayescal.inference.accuracy.replan_at_map`): Newton then
+    goes on from the same point on it, and everything after uses it
+    (``SVIResult.hierarchy``).
 
     With ``checkpoint_path`` the state is written there after every MAP (Newton) iteration,
     after the MAP stage and every ``checkpoint_every`` SVI steps, stamped with
@@ -550,14 +593,12 @@ def run_svi(h: Hierarchy, config: SVIConfig = SVIConfig(), seed: int = 0,
         if state.stage == "map":
             bar.update(len(state.losses["map"]))
             map_checkpoint = None if writer is None else (lambda s: writer(s, None, None))
-            state.u_map, state.covariance = fit_map(packing, state, config.map_iterations,
-                                                    config.hessian_step, bar, map_checkpoint)
-            finer = None if replan is None else replan(h, packing.point(state.u_map))
-            if finer is not None:
-                h, packing = finer, Packing(finer, initial_values(finer))
-                state.u_map, state.covariance = fit_map(
-                    packing, state, len(state.losses["map"]) + REPLAN_ITERATIONS,
-                    config.hessian_step, bar, map_checkpoint)
+            refine = None if replan is None else (
+                lambda p, u: _refined_packing(replan, p, u))
+            state.u_map, state.covariance, packing = fit_map(
+                packing, state, config.map_iterations, config.hessian_step, bar,
+                map_checkpoint, refine)
+            h = packing.h
             state.stage = "guide"
             if writer is not None:
                 writer(state, None, None)
