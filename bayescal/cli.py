@@ -121,8 +121,9 @@ def _add_check(subparsers) -> argparse.ArgumentParser:
     parser = _command(
         subparsers, "check", "verify a model card's model and solver settings",
         "Analytic Jacobian vs autograd, adjoint gradient vs finite differences, chunked vs "
-        "sequential solve, and the integration error of the card's sub-steps, at the prior "
-        "centres. Exit status 1 if any check fails.")
+        "sequential solve, the integration error of the card's grid with its observed order, "
+        "and a response that leaves the elastic range, at the prior centres. Exit status 1 if "
+        "any check fails.")
     parser.add_argument("card", metavar="CARD", help="model card (TOML)")
     parser.add_argument("--load", metavar="LOAD.csv",
                         help="load path (default: a built-in informative path)")

@@ -100,7 +100,7 @@ class Hierarchy:
 
     ``substeps`` (integration steps per recorded interval) fixes the grid; by default it is
     the options' fixed counts, or planned from their tolerance over the prior population
-    (:func:`plan_integration`, kept as ``plan``).
+    (:func:`plan_integration`).
     """
 
     def __init__(self, spec: ModelSpec, experiments: Experiments,
@@ -113,10 +113,8 @@ class Hierarchy:
         self.options = options or spec.solver
         self.centered = centered
         self.transforms = {name: Bounded(*spec.parameters[name].bounds) for name in spec.calibrated}
-        self.plan: SubstepPlan | None = None
         if substeps is None and self.options.automatic:
-            self.plan = plan_integration(spec, self.model, experiments, self.options)
-            substeps = self.plan.substeps
+            substeps = plan_integration(spec, self.model, experiments, self.options).substeps
         elif substeps is None:
             substeps = fixed_substeps(experiments.time, experiments.strain, self.options)
         self.substeps = substeps

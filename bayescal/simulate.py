@@ -372,16 +372,6 @@ class SubstepPlan:
     error: torch.Tensor
     rounds: int
 
-    def worst(self, mask: torch.Tensor | None = None) -> float:
-        """The largest estimated error (over the ``mask``ed points)."""
-        error = self.error if mask is None else self.error[mask]
-        return float(error.nan_to_num(nan=torch.inf).max()) if error.numel() else 0.0
-
-    def rms(self, mask: torch.Tensor | None = None) -> float:
-        """The rms estimated error (over the ``mask``ed points)."""
-        error = self.error if mask is None else self.error[mask]
-        return float(error.square().mean().sqrt()) if error.numel() else 0.0
-
 
 def estimate_error(model: Integrable, params, time, strain, substeps: torch.Tensor,
                    options: SolverOptions, temperature=None, mask=None
