@@ -17,7 +17,7 @@ from bayescal.data import check_input_file
 from bayescal.errors import BadInput
 from bayescal.material import MODELS, SOFTENINGS, Integrable, MaterialModel, get_model
 from bayescal.schemes import SCHEMES
-from bayescal.simulate import SolverOptions
+from bayescal.integrate import SolverOptions
 
 VARIES = ("specimen", "shared")
 BACKENDS = ("builtin", "neml2")

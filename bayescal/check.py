@@ -39,7 +39,7 @@ from bayescal.card import ModelSpec, load_model
 from bayescal.data import Experiments
 from bayescal.errors import BadInput
 from bayescal.material import Integrable, MaterialModel
-from bayescal.simulate import (SolverOptions, broadcast_params, fixed_substeps, integrate,
+from bayescal.integrate import (SolverOptions, broadcast_params, fixed_substeps, integrate,
                                plan_substeps, refine, simulate)
 
 #: Pass thresholds of the checks, by check name (module level so that tests can tighten them).
@@ -203,7 +203,7 @@ def _weights(load: CheckLoad) -> torch.Tensor:
 def card_substeps(model: Integrable, params: Mapping[str, float], load: CheckLoad,
                   options: SolverOptions):
     """The card's integration steps per recorded interval on ``load``: planned from its
-    tolerance at ``params`` (:func:`~bayescal.simulate.plan_substeps`), or fixed."""
+    tolerance at ``params`` (:func:`~bayescal.integrate.plan_substeps`), or fixed."""
     if not options.automatic:
         return fixed_substeps(load.time, load.strain, options)
     return plan_substeps(model, params, load.time, load.strain, options, load.temperature,

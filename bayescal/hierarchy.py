@@ -35,7 +35,7 @@ from pyro import poutine
 from bayescal.card import ModelSpec, load_model
 from bayescal.data import Experiments
 from bayescal.material import Integrable
-from bayescal.simulate import (SolverOptions, SolveReport, SubstepPlan, fixed_substeps,
+from bayescal.integrate import (SolverOptions, SolveReport, SubstepPlan, fixed_substeps,
                                integrate, plan_substeps, refine)
 
 

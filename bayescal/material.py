@@ -36,7 +36,7 @@ def _stack_jacobian(rows: Sequence[Sequence[torch.Tensor]]) -> torch.Tensor:
 
 
 class Integrable(ABC):
-    """What :func:`bayescal.simulate.integrate` needs of a model: its ``name``, its
+    """What :func:`bayescal.integrate.integrate` needs of a model: its ``name``, its
     ``parameters`` (scalar names, each given as a ``(batch,)`` tensor), a pyzag operator
     factory at given parameters, the driving forces of a grid, the initial state and the
     stress of a state.

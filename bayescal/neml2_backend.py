@@ -5,7 +5,7 @@ systems. The system is loaded with :func:`neml2.load_nonlinear_system` and wrapp
 operator factory by :class:`neml2.pyzag.NEML2PyzagModel`, always with ``include_parameters``
 set to the card's parameters (without it every tensor of the file would become trainable).
 It then runs through the same solver path as the built-in models
-(:func:`bayescal.simulate.integrate`: sub-steps, chunked Newton with retries and NaN
+(:func:`bayescal.integrate.integrate`: sub-steps, chunked Newton with retries and NaN
 detection, pyzag's adjoint).
 
 **Forces.** bayescal drives a system the way NEML2's 1D examples do: mixed control of the

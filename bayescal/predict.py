@@ -32,7 +32,7 @@ from bayescal.card import ModelSpec, load_card, load_model, parse_card
 from bayescal.data import Experiments, write_table
 from bayescal.errors import BadInput
 from bayescal.hierarchy import Bounded, population_moments
-from bayescal.simulate import SolverOptions, fixed_substeps, plan_substeps, simulate
+from bayescal.integrate import SolverOptions, fixed_substeps, plan_substeps, simulate
 
 BAND = (0.05, 0.5, 0.95)
 

@@ -16,7 +16,7 @@ from bayescal.data import (Experiments, has_specimen_column, prepare_output_file
                            read_load_path, write_experiments, write_table)
 from bayescal.errors import BadInput
 from bayescal.hierarchy import SolverFailure, draw_specimens
-from bayescal.simulate import simulate
+from bayescal.integrate import simulate
 
 
 @dataclass(frozen=True)

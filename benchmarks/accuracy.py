@@ -49,7 +49,7 @@ from bayescal.card import load_card, load_model
 from bayescal.check import piecewise_path
 from bayescal.hierarchy import draw_specimens
 from bayescal.reference import radau_stress
-from bayescal.simulate import (SolverOptions, fixed_substeps, integrate, plan_substeps,
+from bayescal.integrate import (SolverOptions, fixed_substeps, integrate, plan_substeps,
                                refine)
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -32,7 +32,7 @@ import torch
 
 from bayescal.card import load_card
 from bayescal.fit import fit
-from bayescal.simulate import SolverOptions
+from bayescal.integrate import SolverOptions
 from bayescal.synthetic import read_simulation_load, simulate_experiments
 
 ROOT = Path(__file__).resolve().parents[1]

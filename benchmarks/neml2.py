@@ -75,7 +75,7 @@ def gradient_case(case: dict) -> dict:
     torch.set_default_dtype(torch.float64)
     from bayescal.card import load_card, load_model
     from bayescal.check import check_parameters, informative_path
-    from bayescal.simulate import refine, simulate
+    from bayescal.integrate import refine, simulate
 
     spec = load_card(CARDS[case["model"]])
     model = load_model(spec, compile=case["compile"])
@@ -121,7 +121,7 @@ def robustness_case() -> list[dict]:
 
     from bayescal.card import load_card, load_model
     from bayescal.check import check_parameters
-    from bayescal.simulate import Grid, SolverOptions, integrate
+    from bayescal.integrate import Grid, SolverOptions, integrate
 
     spec = load_card(CARDS["neml2-kocks-mecking"])
     model = load_model(spec)

@@ -4,17 +4,17 @@ Model ``perzyna-voce`` (E=200000, sy~250, Rinf~200, d=15, eta=300, n=3; every sp
 gets a slightly different ``sy`` and ``Rinf``, both requiring grad), float64, on a
 strain-controlled multi-rate cyclic path reaching +-2 % strain. The integration grid is
 built directly (``Grid(time, strain, recorded)``, ``N`` uniformly spaced points, no
-:func:`bayescal.simulate.refine`), so the benchmark measures the solver, not sub-stepping.
+:func:`bayescal.integrate.refine`), so the benchmark measures the solver, not sub-stepping.
 
 Loss = sum of stress squared over all steps and specimens; the timed region is
 forward + ``loss.backward()`` (gradients with respect to ``sy`` and ``Rinf``).
 
 Methods, for ``N`` in {500, 2000} steps and ``B`` in {10, 100} specimens:
 
-* ``chunked``: :func:`bayescal.simulate.integrate` (pyzag blocked Newton + chunked
+* ``chunked``: :func:`bayescal.integrate.integrate` (pyzag blocked Newton + chunked
   adjoint) with ``n_chunk`` in {5, 10, 20, 50, 100};
 * ``sequential``: the same with ``n_chunk = 1``;
-* ``unrolled``: :func:`bayescal.simulate.integrate_unrolled`, plain autograd through a
+* ``unrolled``: :func:`bayescal.integrate.integrate_unrolled`, plain autograd through a
   Python time loop with the same Newton update.
 
 Every case runs in its own process (this script re-invoked with ``--case JSON``). In
@@ -166,7 +166,7 @@ def make_problem(N: int, B: int):
     """Grid with N uniformly spaced points on a multi-rate cyclic path, and parameters."""
     import torch
 
-    from bayescal.simulate import Grid
+    from bayescal.integrate import Grid
 
     dtype = torch.float64
     # Strain-time corners: up to +2 % at 1e-3/s, down to -2 % at 1e-2/s, up to +2 % at
@@ -194,7 +194,7 @@ def make_problem(N: int, B: int):
 def run_once(method: str, n_chunk: int, grid, params, leaves) -> dict:
     """Forward + backward once; returns loss, gradient norms and solver report."""
     from bayescal.material import get_model
-    from bayescal.simulate import SolverOptions, integrate, integrate_unrolled
+    from bayescal.integrate import SolverOptions, integrate, integrate_unrolled
 
     model = get_model("perzyna-voce")
     for leaf in leaves:

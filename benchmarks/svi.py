@@ -42,7 +42,7 @@ Three measurements:
 3. **The seed path.** pyzag's own route: a deterministic ``torch.nn.Module`` whose
    ``nn.Parameter``s are sy, Rinf, d, eta (scaled to [0, 1] over the card's bounds with
    ``pyzag.reparametrization.RangeRescale``, as pyzag's statistical tutorial does), mapping
-   them to stress at the recorded points through :func:`bayescal.simulate.simulate` (same
+   them to stress at the recorded points through :func:`bayescal.integrate.simulate` (same
    material model, same solver options, chunked adjoint), wrapped by
    ``pyzag.stochastic.HierarchicalStatisticalModel`` with ``MapNormal(cov)`` and a
    ``HalfNormal(10)`` noise prior, and fitted by Pyro's ``AutoDelta`` guide with
@@ -368,7 +368,7 @@ def seed_path(spec, experiments, truth, map_record: dict, lr: float, args) -> di
     from pyzag.stochastic import HierarchicalStatisticalModel, MapNormal
 
     from bayescal.material import get_model
-    from bayescal.simulate import simulate
+    from bayescal.integrate import simulate
 
     names = list(spec.varying)
     dtype = torch.float64

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from bayescal.card import ModelSpec, ParameterSpec, load_card
-from bayescal.simulate import SolverOptions
+from bayescal.integrate import SolverOptions
 from bayescal.errors import BadInput
 
 MODELS_DIR = Path(__file__).resolve().parent.parent / "models"

@@ -19,7 +19,7 @@ from bayescal import check
 from bayescal.card import load_card, load_model, parse_card
 from bayescal.data import read_load_path
 from bayescal.errors import BadInput
-from bayescal.simulate import Grid, SolverOptions, integrate, simulate
+from bayescal.integrate import Grid, SolverOptions, integrate, simulate
 
 ROOT = Path(__file__).resolve().parents[1]
 NEML2_MODELS = ROOT / "models" / "neml2"

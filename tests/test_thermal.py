@@ -21,7 +21,7 @@ from bayescal.fit import fit
 from bayescal.hierarchy import Hierarchy
 from bayescal.inference.svi import SVIConfig
 from bayescal.material import StrainControlledResidual, get_model, piecewise_linear
-from bayescal.simulate import SolverOptions, integrate, refine, simulate
+from bayescal.integrate import SolverOptions, integrate, refine, simulate
 
 CARD = "models/voce-jc-thermal.toml"
 BASE = dict(E=200000.0, sy=300.0, Rinf=700.0, d=4.0, C=0.02, eps0=1e-3,

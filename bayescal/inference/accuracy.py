@@ -14,7 +14,7 @@ import torch
 from bayescal.card import ModelSpec
 from bayescal.hierarchy import Hierarchy, plan_integration
 from bayescal.inference.draws import posterior_draws
-from bayescal.simulate import estimate_error
+from bayescal.integrate import estimate_error
 
 #: ``fit`` warns when the estimated integration error exceeds this share of the noise sd.
 INTEGRATION_WARNING_SHARE = 0.2

@@ -30,7 +30,7 @@ from bayescal.data import Experiments
 from bayescal.hierarchy import Hierarchy, SolverFailure
 from bayescal.inference.accuracy import replan_at_map
 from bayescal.inference.svi import Packing, SVIConfig, initial_values, run_svi
-from bayescal.simulate import SolverOptions
+from bayescal.integrate import SolverOptions
 
 INITS = ("map", "svi")
 

@@ -13,7 +13,7 @@ from conftest import informative_path, piecewise_path
 
 from bayescal.material import get_model
 from bayescal.reference import radau_stress
-from bayescal.simulate import (
+from bayescal.integrate import (
     Grid,
     SolverOptions,
     integrate,
