@@ -17,13 +17,15 @@ Commands whose options need the library (``fit``, ``import``) declare them lazil
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
+import os
 import shlex
 import sys
 import warnings
 from typing import Callable, Sequence
 
-from bayescal.errors import BadInput, BayescalWarning
+from bayescal.errors import BadInput, BayescalWarning, InvalidSetting
 
 PROG = "bayescal"
 #: Largest --seed: the seeding of numpy's legacy generator (through Pyro) takes 32 bits.
@@ -38,8 +40,6 @@ def _common_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
     given before the command name is not overwritten by the subcommand's default."""
     default = (lambda value: argparse.SUPPRESS) if suppress else (lambda value: value)
     group = parser.add_argument_group("common options")
-    group.add_argument("--device", choices=("cpu", "cuda"), default=default("cpu"),
-                       help="where tensors are computed (default: cpu)")
     group.add_argument("--threads", type=int, metavar="N", default=default(1),
                        help="compute threads per process (default: 1; small-tensor work is "
                             "slower with more)")
@@ -89,6 +89,21 @@ def _check_seed(seed: int) -> None:
         raise BadInput(f"--seed must be an integer from 0 to {SEED_MAX}, got {seed}")
 
 
+@contextlib.contextmanager
+def _flags():
+    """A library's :class:`~bayescal.errors.InvalidSetting` as the CLI flag that set it."""
+    try:
+        yield
+    except InvalidSetting as exc:
+        raise BadInput(f"--{exc.parameter.replace('_', '-')} {exc.problem}") from None
+
+
+def _device_option(parser: argparse.ArgumentParser) -> None:
+    """``--device``, offered by the commands that integrate on it (check, simulate)."""
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="where the integration runs (default: cpu)")
+
+
 def _device(args: argparse.Namespace):
     import torch
 
@@ -105,11 +120,11 @@ def _add_models(subparsers) -> argparse.ArgumentParser:
 
 
 def _run_models(args: argparse.Namespace) -> int:
-    from bayescal.material import MODELS
+    from bayescal.catalogue import CATALOGUE
 
     rows = [("model", "parameters", "state", "summary")]
-    rows += [(name, ", ".join(cls.parameters), ", ".join(cls.state_names), cls.summary)
-             for name, cls in MODELS.items()]
+    rows += [(name, ", ".join(entry.parameters), ", ".join(entry.state_names), entry.summary)
+             for name, entry in CATALOGUE.items()]
     _print_table(rows)
     return 0
 
@@ -127,6 +142,7 @@ def _add_check(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("card", metavar="CARD", help="model card (TOML)")
     parser.add_argument("--load", metavar="LOAD.csv",
                         help="load path (default: a built-in informative path)")
+    _device_option(parser)
     return parser
 
 
@@ -172,6 +188,7 @@ def _add_simulate(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--noise", metavar="SD", type=float, default=0.0,
                         help="measurement noise sd in MPa (default: 0)")
     parser.add_argument("--out", metavar="data.csv", required=True, help="data file to write")
+    _device_option(parser)
     return parser
 
 
@@ -271,25 +288,14 @@ def _run_fit(args: argparse.Namespace) -> int:
 
     from bayescal.card import load_card
     from bayescal.data import read_experiments
-    from bayescal.fit import fit_to_directory
+    from bayescal.fit import check_draws, fit_to_directory
     from bayescal.inference.nuts import NUTSConfig
     from bayescal.inference.svi import SVIConfig
     from bayescal.output import prepare_output_folder
 
-    _device(args)
-    for option in ("steps", "particles", "draws", "chains", "samples", "max_tree_depth"):
-        if getattr(args, option) < 1:
-            flag = option.replace("_", "-")
-            raise BadInput(f"--{flag} must be at least 1, got {getattr(args, option)}")
-    if args.warmup < 0:
-        raise BadInput(f"--warmup must be 0 or more, got {args.warmup}")
-    if not 0 < args.target_accept < 1:
-        raise BadInput(f"--target-accept must lie between 0 and 1, got {args.target_accept}")
     if args.method == "nuts" and args.guide not in (None, "mvn"):
         raise BadInput(f"--method nuts takes no --guide {args.guide} (it starts from the "
                        "full-rank Laplace or SVI approximation)")
-    if not (args.lr > 0 and math.isfinite(args.lr)):
-        raise BadInput(f"--lr must be a positive finite number, got {args.lr}")
     _check_seed(args.seed)
     if args.method == "map" and args.guide not in (None, "delta"):
         raise BadInput(f"--method map takes no --guide {args.guide} (MAP is the delta guide)")
@@ -304,10 +310,13 @@ def _run_fit(args: argparse.Namespace) -> int:
         spec = dataclasses.replace(spec, compile=True)
     experiments = read_experiments(args.data)
     guide = "delta" if args.method == "map" else (args.guide or SVIConfig().guide)
-    config = SVIConfig(guide=guide, steps=args.steps, lr=args.lr, particles=args.particles)
-    sampler = NUTSConfig(chains=args.chains, warmup=args.warmup, samples=args.samples,
-                         max_tree_depth=args.max_tree_depth, target_accept=args.target_accept,
-                         init=args.init, dense=args.dense_mass)
+    with _flags():
+        config = SVIConfig(guide=guide, steps=args.steps, lr=args.lr, particles=args.particles)
+        sampler = NUTSConfig(chains=args.chains, warmup=args.warmup, samples=args.samples,
+                             max_tree_depth=args.max_tree_depth,
+                             target_accept=args.target_accept, init=args.init,
+                             dense=args.dense_mass)
+        check_draws(args.draws)
     idata = fit_to_directory(spec, experiments, out, figures=not args.no_figures, method=args.method,
                              config=config, draws=args.draws, seed=args.seed,
                              centered=args.centered, resume=args.resume, command=args.command_line,
@@ -463,14 +472,11 @@ def _add_plot(subparsers) -> argparse.ArgumentParser:
 
 
 def _run_plot(args: argparse.Namespace) -> int:
-    import matplotlib.pyplot as plt
-
     from bayescal.data import read_experiments
     from bayescal.plots import plot_data
 
     experiments = read_experiments(args.data)
-    fig = plot_data(experiments, args.out, by=args.by, x=args.x, colour=args.colour)
-    plt.close(fig)
+    plot_data(experiments, args.out, by=args.by, x=args.x, colour=args.colour)
     panels = f", {len(set(experiments.labels[args.by]))} panels by {args.by}" if args.by else ""
     print(f"wrote {args.out} ({experiments.n_specimens} specimens, "
           f"{sum(experiments.n_points)} points{panels})")
@@ -549,6 +555,10 @@ COMMANDS: dict[str, tuple[Callable, Callable[[argparse.Namespace], int]]] = {
 }
 
 
+#: Commands that compute nothing, and so answer without importing torch.
+WITHOUT_TORCH = frozenset({"models"})
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG, description="Hierarchical Bayesian calibration of viscoplastic material "
@@ -591,13 +601,15 @@ def _main(argv: Sequence[str] | None) -> int:
         return exc.code if isinstance(exc.code, int) else 2
     args.command_line = shlex.join([PROG, *(sys.argv[1:] if argv is None else argv)])
     try:
-        import torch
-
-        torch.set_default_dtype(torch.float64)
         if args.threads < 1:
             raise BadInput(f"--threads must be at least 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
-        _device(args)
+        if args.command not in WITHOUT_TORCH:
+            import torch
+
+            torch.set_default_dtype(torch.float64)
+            torch.set_num_threads(args.threads)
+        # figures are written to files: no display needed (a library caller keeps theirs)
+        os.environ.setdefault("MPLBACKEND", "Agg")
         return args.run(args)
     except BadInput as exc:
         _error(str(exc))

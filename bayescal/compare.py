@@ -14,7 +14,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 
-import arviz as az
+from bayescal.arviz_import import az
 import numpy as np
 import pandas as pd
 
@@ -163,9 +163,6 @@ def format_misfit(fits: dict[str, az.InferenceData], by: str) -> str:
 def plot_comparison(table: pd.DataFrame, out: str) -> None:
     """ArviZ's compare plot (elpd with its se, differences to the best) written atomically
     to ``out`` in the format of its suffix."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     from bayescal.plots import save_figure

@@ -19,7 +19,7 @@ from typing import Iterable, Iterator, Sequence
 import torch
 
 from bayescal.errors import BadInput
-from bayescal.output import fill_temporary, write_atomically
+from bayescal.output import write_atomically
 
 DTYPE = torch.float64
 #: Largest data or load file read (bytes): ten million points of a few columns. A bigger file
@@ -118,7 +118,7 @@ class Experiments:
 def read_experiments(path: str | os.PathLike) -> Experiments:
     """Read and validate a long CSV of measured stress histories."""
     table = _read_table(Path(path), required=("specimen", "time", "strain", "stress"))
-    return _assemble(str(path), table)
+    return assemble_experiments(str(path), table)
 
 
 def read_load_path(path: str | os.PathLike, specimens: Sequence[str] | None = None) -> Experiments:
@@ -133,7 +133,7 @@ def read_load_path(path: str | os.PathLike, specimens: Sequence[str] | None = No
     if not has_ids and specimens is not None:
         (single,) = table.specimens
         table = replace(table, specimens=[replace(single, id=sid) for sid in specimens])
-    experiments = _assemble(str(path), table)
+    experiments = assemble_experiments(str(path), table)
     if has_ids and specimens is not None:
         return experiments.select(specimens)
     return experiments
@@ -146,20 +146,6 @@ def has_specimen_column(path: str | os.PathLike) -> bool:
             if any(cell.strip() for cell in row):
                 return "specimen" in (cell.strip() for cell in row)
     return False
-
-
-def prepare_output_file(out: str | os.PathLike) -> Path:
-    """``out`` as a path whose directory exists and which is not a directory itself, checked
-    before any work is done (so that a command does not run only to fail at the end)."""
-    out = Path(out)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise BadInput(f"{out}: cannot create directory {str(out.parent)!r}: "
-                       f"{exc.strerror or exc}") from None
-    if out.is_dir():
-        raise BadInput(f"{out}: is a directory (give a file name for the data CSV)")
-    return out
 
 
 def write_experiments(experiments: Experiments, path: str | os.PathLike) -> None:
@@ -180,14 +166,13 @@ def write_table(path: str | os.PathLike, header: Sequence[str], rows: Iterable) 
 
 
 #: Kept for callers that open their own temporary file: :func:`bayescal.output.fill_temporary`.
-replace_from_temporary = fill_temporary
 
 
 # ----------------------------------------------------------------------------- reading
 
 
 @dataclass
-class _Specimen:
+class SpecimenRecord:
     """The raw rows of one specimen while reading."""
 
     id: str
@@ -197,10 +182,10 @@ class _Specimen:
 
 
 @dataclass
-class _Table:
+class SpecimenTable:
     """A validated file: its specimens in order of appearance."""
 
-    specimens: list[_Specimen]
+    specimens: list[SpecimenRecord]
     numeric: tuple[str, ...]
     labels: tuple[str, ...]
     has_ids: bool
@@ -277,7 +262,7 @@ def _same_label(a: str, b: str) -> bool:
     return a == b or (number is not None and number == _number(b))
 
 
-def _read_table(path: Path, required: tuple[str, ...], ignored: tuple[str, ...] = ()) -> _Table:
+def _read_table(path: Path, required: tuple[str, ...], ignored: tuple[str, ...] = ()) -> SpecimenTable:
     """Read and validate a long CSV file; the one validation path of every reader."""
     header, rows = _read_rows(path)
     _check_header(path, header, required)
@@ -286,8 +271,8 @@ def _read_table(path: Path, required: tuple[str, ...], ignored: tuple[str, ...] 
     labels = tuple(c for c in header if c not in _RESERVED and c not in ignored)
     has_ids = "specimen" in column
 
-    specimens: dict[str, _Specimen] = {}
-    current: _Specimen | None = None
+    specimens: dict[str, SpecimenRecord] = {}
+    current: SpecimenRecord | None = None
     for line, row in rows:
         if len(row) != len(header):
             raise _error(path, f"expected {len(header)} fields, found {len(row)}", line)
@@ -301,7 +286,7 @@ def _read_table(path: Path, required: tuple[str, ...], ignored: tuple[str, ...] 
                                    "(its rows must be contiguous)", line, shown)
             if current is not None:
                 _check_length(path, current, has_ids)
-            current = specimens[sid] = _Specimen(
+            current = specimens[sid] = SpecimenRecord(
                 sid, line, {c: row[column[c]] for c in labels}, {c: [] for c in numeric})
         for name in numeric:
             value = _number(row[column[name]])
@@ -321,10 +306,10 @@ def _read_table(path: Path, required: tuple[str, ...], ignored: tuple[str, ...] 
                 raise _error(path, f"label {name!r} changes from {first!r} to {value!r} "
                                    "within the specimen", line, shown)
     _check_length(path, current, has_ids)
-    return _Table(list(specimens.values()), numeric, labels, has_ids)
+    return SpecimenTable(list(specimens.values()), numeric, labels, has_ids)
 
 
-def _check_length(path: Path, specimen: _Specimen, has_ids: bool) -> None:
+def _check_length(path: Path, specimen: SpecimenRecord, has_ids: bool) -> None:
     n = len(specimen.columns["time"])
     if n < 2:
         raise _error(path, f"needs at least 2 points, has {n}", specimen.first_line,
@@ -337,7 +322,7 @@ def _label_column(raw: list[str]) -> tuple:
     return tuple(raw) if None in numbers else tuple(numbers)
 
 
-def _assemble(source: str, table: _Table) -> Experiments:
+def assemble_experiments(source: str, table: SpecimenTable) -> Experiments:
     """Pad the specimens of a validated table into ``(step, specimen)`` tensors."""
     counts = torch.tensor([len(s.columns["time"]) for s in table.specimens], dtype=torch.long)
     n_steps = int(counts.max()) if len(counts) else 0

@@ -1,7 +1,8 @@
 """ArviZ InferenceData in the layout of the output contract, written atomically to netCDF.
 
-Groups: ``posterior`` (each calibrated ``P``, ``P_pop_mean``/``P_pop_sd`` for varying ones,
-``noise_sd``), ``posterior_predictive`` and ``observed_data`` (``stress``, dims specimen x
+Groups: ``posterior`` (each calibrated ``P``; for varying ones ``P_pop_mean``/``P_pop_sd``,
+the population's physical moments, and ``P_pop_loc``/``P_pop_scale``, its latent location and
+scale, from which predict draws new specimens; ``noise_sd``), ``posterior_predictive`` and ``observed_data`` (``stress``, dims specimen x
 step), ``log_likelihood`` (``stress``, dims specimen: summed over steps), ``constant_data``
 (``time``, ``strain`` and optional ``temperature``) and, for samplers, ``sample_stats``.
 Run attributes (method, guide, seed, command line, ...) sit on the ``posterior`` group.
@@ -13,11 +14,23 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Mapping
 
-import arviz as az
 import numpy as np
 import xarray as xr
 
+from bayescal.arviz_import import az
+
 from bayescal.output import write_atomically_by_name
+
+#: The posterior's population variables of a varying parameter, by suffix: physical moments
+#: (the contract), then the logistic-normal's latent location and scale in z.
+POPULATION_SUFFIXES = ("_pop_mean", "_pop_sd", "_pop_loc", "_pop_scale")
+#: Of those, the latent ones: coordinates of the model, not quantities to report.
+LATENT_SUFFIXES = ("_pop_loc", "_pop_scale")
+
+
+def population_names(parameter: str) -> tuple[str, ...]:
+    """The posterior's population variables of a varying ``parameter``."""
+    return tuple(parameter + suffix for suffix in POPULATION_SUFFIXES)
 
 
 def _chains(value, chains: bool) -> np.ndarray:

@@ -10,24 +10,26 @@ from __future__ import annotations
 import hashlib
 import time
 import warnings
-from dataclasses import asdict
+from dataclasses import replace
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-import arviz as az
+from bayescal.arviz_import import az
 import numpy as np
 import torch
 
 from bayescal.card import ModelSpec
 from bayescal.data import Experiments
-from bayescal.errors import BayescalWarning
-from bayescal.export import build_inference_data, write_netcdf
+from bayescal.errors import BayescalWarning, InvalidSetting
+from bayescal.export import build_inference_data, population_names, write_netcdf
 from bayescal.hierarchy import Hierarchy
 from bayescal.inference.accuracy import integration_report, map_parameters, replan_at_map
 from bayescal.inference.draws import (posterior_draws, predictive_and_loglik, sample_guide,
                                       unpack_draws)
 from bayescal.inference.nuts import NUTSConfig, run_nuts
-from bayescal.inference.svi import Packing, SVIConfig, initial_values, run_svi
+from bayescal.inference.laplace import MAPConfig
+from bayescal.inference.packing import Packing, initial_values
+from bayescal.inference.svi import SVIConfig, run_svi
 from bayescal.output import FolderLock
 
 METHODS = ("map", "laplace", "svi", "nuts")
@@ -133,32 +135,39 @@ def numeric_labels(experiments: Experiments) -> dict[str, np.ndarray]:
             if all(isinstance(v, float) for v in values)}
 
 
+def check_draws(draws: int) -> None:
+    """The number of posterior draws to store must be at least 1."""
+    if draws < 1:
+        raise InvalidSetting("draws", f"must be at least 1, got {draws}")
+
+
 def fit(spec: ModelSpec, experiments: Experiments, method: str = "svi",
         config: SVIConfig = SVIConfig(), draws: int = 1000, seed: int = 0,
         centered: bool = False, checkpoint: Path | None = None, resume: bool = False,
         progress: bool = True, command: str = "",
-        nuts: NUTSConfig = NUTSConfig()) -> az.InferenceData:
+        nuts: NUTSConfig = NUTSConfig(), map_config: MAPConfig = MAPConfig()) -> az.InferenceData:
     """Calibrate ``spec`` against ``experiments`` and return the posterior as InferenceData.
 
-    ``config`` sets the MAP/Laplace/SVI stages (for ``nuts``: the approximation it starts
-    from), ``nuts`` the sampler; ``draws`` is the number of guide draws (``nuts``: its
+    ``map_config`` sets the MAP/Laplace stage, ``config`` the SVI stage (for ``nuts``: the
+    approximation it starts from), ``nuts`` the sampler; ``draws`` is the number of guide draws (``nuts``: its
     ``samples`` per chain).
     """
     if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+        raise InvalidSetting("method", f"{method!r} is unknown; choose one of "
+                             f"{', '.join(METHODS)}")
+    check_draws(draws)
     if method == "map":
-        config = SVIConfig(**{**asdict(config), "guide": "delta"})
-    elif method == "laplace":  # the guide at the Laplace approximation, no SVI steps
-        if config.guide == "delta":
-            raise ValueError("method laplace needs a Gaussian guide (normal, lowrank or mvn)")
-        config = SVIConfig(**{**asdict(config), "steps": 0})
+        config = replace(config, guide="delta")
+    elif method == "laplace" and config.guide == "delta":
+        raise InvalidSetting("guide", "delta cannot give a Laplace approximation; choose "
+                             "normal, lowrank or mvn")
     start = time.perf_counter()
     notes = _warn(data_warnings(experiments))
     h = Hierarchy(spec, experiments, centered=centered)
     if method == "nuts":
-        sampled = run_nuts(h, nuts, config, seed=seed, progress=progress)
+        sampled = run_nuts(h, nuts, config, seed=seed, progress=progress, map_config=map_config)
         if not torch.equal(sampled.substeps, h.substeps):  # refined at the MAP
-            h = Hierarchy(spec, experiments, centered=centered, substeps=sampled.substeps)
+            h = h.with_grid(sampled.substeps)
         chains = nuts.chains
         latents = unpack_draws(h, Packing(h, initial_values(h)), sampled.u.flatten(0, 1))
         run_attrs = {
@@ -181,9 +190,10 @@ def fit(spec: ModelSpec, experiments: Experiments, method: str = "svi",
         sample_stats = dict(sampled.stats)
     else:
         fingerprint = run_fingerprint(spec, experiments, method, config.guide, seed, centered)
-        result = run_svi(h, config, seed=seed, checkpoint_path=checkpoint, resume=resume,
-                         progress=progress, fingerprint=fingerprint,
-                         replan=replan_at_map if h.options.automatic else None)
+        result = run_svi(h, config, map_config, seed=seed, checkpoint_path=checkpoint,
+                         resume=resume, progress=progress, fingerprint=fingerprint,
+                         replan=replan_at_map if h.options.automatic else None,
+                         svi_stage=method == "svi")
         h = result.hierarchy
         chains = 1
         latents = sample_guide(h, result.guide, draws, seed)
@@ -208,7 +218,7 @@ def fit(spec: ModelSpec, experiments: Experiments, method: str = "svi",
     notes += _warn(integration.pop("warnings"))
     predictive, loglik = predictive_and_loglik(h, post, seed)
     variables = {**post.parameters, **post.population, "noise_sd": post.noise_sd}
-    order = [n for name in spec.calibrated for n in (name, f"{name}_pop_mean", f"{name}_pop_sd")
+    order = [n for name in spec.calibrated for n in (name, *population_names(name))
              if n in variables] + ["noise_sd"]
     by_chain = lambda x: x.reshape(chains, -1, *x.shape[1:])  # noqa: E731
     constant = {"time": experiments.time.T, "strain": experiments.strain.T}

@@ -24,7 +24,7 @@ draws and specimens go through one batched solve.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyro
@@ -89,24 +89,46 @@ def population_moments(transform: Bounded, z_pop: torch.Tensor, tau: torch.Tenso
     return mean, var.clamp_min(0).sqrt()
 
 
+@dataclass
+class Solving:
+    """How a caller wants the model's solves done, and what they reported; owned by the
+    caller and passed to the model (``h(solving=...)``), so that a :class:`Hierarchy` holds
+    no state that changes with a call.
+
+    ``strict``: a failed solve raises :class:`SolverFailure` (else its specimens' stress is
+    NaN, which makes the density -inf or NaN). ``warm_start``: each solve starts Newton from
+    the previous solve's trajectory when the batch has the same size (successive Newton
+    iterates of the MAP change the parameters only a little; SVI's particles change every
+    step, and there it measured slower). ``reports`` collects every solve's report.
+    """
+
+    strict: bool = True
+    warm_start: bool = False
+    previous: torch.Tensor | None = None
+    reports: list[SolveReport] = field(default_factory=list)
+
+    @property
+    def retries(self) -> int:
+        """Solver retries (chunks re-solved with more steps) over all reported solves."""
+        return sum(report.retries for report in self.reports)
+
+
 class Hierarchy:
     """A card turned into the Pyro model for one set of experiments.
 
     Call the instance as the Pyro model. ``observed=False`` leaves stress unobserved (for
-    simulation and posterior-predictive draws). With ``warm_start`` each solve starts Newton
-    from the previous solve's trajectory when the batch has the same size (successive
-    Newton iterates of the MAP change parameters only a little). ``compile`` (default: the
-    card's) compiles a NEML2 model (:func:`~bayescal.card.load_model`).
+    simulation and posterior-predictive draws); ``solving`` (:class:`Solving`) says how to
+    solve and collects the reports. ``compile`` (default: the card's) compiles a NEML2 model
+    (:func:`~bayescal.card.load_model`).
 
     ``substeps`` (integration steps per recorded interval) fixes the grid; by default it is
     the options' fixed counts, or planned from their tolerance over the prior population
-    (:func:`plan_integration`).
+    (:func:`plan_integration`). Nothing about the instance changes after construction.
     """
 
     def __init__(self, spec: ModelSpec, experiments: Experiments,
                  options: SolverOptions | None = None, centered: bool = False,
-                 warm_start: bool = True, compile: bool | None = None,
-                 substeps: torch.Tensor | None = None) -> None:
+                 compile: bool | None = None, substeps: torch.Tensor | None = None) -> None:
         self.spec = spec
         self.model: Integrable = load_model(spec, compile)
         self.experiments = experiments
@@ -120,16 +142,11 @@ class Hierarchy:
         self.substeps = substeps
         self.grid = refine(experiments.time, experiments.strain, substeps,
                            experiments.temperature)
-        self.last_report: SolveReport | None = None
-        self.warm_start = warm_start
-        self.strict = True  # a failed solve raises SolverFailure (else: NaN, see last_report)
-        self._previous: torch.Tensor | None = None
 
-    def stop_warm_start(self) -> None:
-        """Start every later solve from the predictor (measured: SVI, whose particles change
-        every step, ran at 0.47 s per step warm-started against 0.40 s cold)."""
-        self.warm_start = False
-        self._previous = None
+    def with_grid(self, substeps: torch.Tensor, centered: bool | None = None) -> "Hierarchy":
+        """The same model and data on another integration grid (and parameterisation)."""
+        return Hierarchy(self.spec, self.experiments, self.options,
+                         self.centered if centered is None else centered, substeps=substeps)
 
     # -- priors -----------------------------------------------------------------------
     def prior_z(self, name: str) -> dist.Normal:
@@ -146,6 +163,9 @@ class Hierarchy:
         return cv * t.forward(z_pop) / t.slope(z_pop)
 
     # -- the model --------------------------------------------------------------------
+    def specimen_plate(self) -> pyro.plate:
+        return pyro.plate("specimen", self.experiments.n_specimens, dim=-1)
+
     def sample_parameters(self, plate: pyro.plate) -> dict[str, torch.Tensor]:
         """Sample every parameter; returns physical values.
 
@@ -173,11 +193,21 @@ class Hierarchy:
                 values[name] = self.transforms[name].forward(z)
         return values
 
-    def simulate(self, values: dict[str, torch.Tensor], adjoint: bool = True,
-                 strict: bool | None = None) -> torch.Tensor:
+    def sample_noise(self) -> torch.Tensor:
+        return pyro.sample("noise_sd", dist.HalfNormal(
+            torch.tensor(self.spec.noise_prior_scale, dtype=torch.float64)))
+
+    def sample_latents(self) -> dict[str, torch.Tensor]:
+        """Every latent site, without solving: the model's prior part."""
+        values = self.sample_parameters(self.specimen_plate())
+        return {**values, "noise_sd": self.sample_noise()}
+
+    def solve_stress(self, values: dict[str, torch.Tensor], adjoint: bool = True,
+                     solving: Solving | None = None) -> tuple[torch.Tensor, SolveReport]:
         """Stress at recorded points, shape (..., specimen, step), for physical parameter values
-        (batched over any leading dimensions). A failed solve raises :class:`SolverFailure`
-        when ``strict``, else leaves NaN (see ``last_report``)."""
+        (batched over any leading dimensions), and the solve's report. A failed solve raises
+        :class:`SolverFailure` when ``solving.strict`` (the default), else leaves NaN."""
+        solving = solving if solving is not None else Solving()
         n_spec = self.experiments.n_specimens
         params = {name: torch.as_tensor(p.value, dtype=torch.float64)
                   for name, p in self.spec.parameters.items() if p.is_fixed}
@@ -187,47 +217,49 @@ class Hierarchy:
         n_total = int(np.prod(batch))
         grid = self.grid
         batched = grid.repeat(n_total // n_spec)
-        guess = self._previous
+        guess = solving.previous if solving.warm_start else None
         if guess is not None and guess.shape[1] != n_total:
             guess = None
         states, report = integrate(self.model, params, batched, self.options, adjoint=adjoint,
                                    guess=guess)
-        self.last_report = report
-        if self.warm_start and not report.n_failed:
-            self._previous = states.detach()
-        if report.n_failed and (self.strict if strict is None else strict):
+        solving.reports.append(report)
+        if solving.warm_start and not report.n_failed:
+            solving.previous = states.detach()
+        if report.n_failed and solving.strict:
             raise SolverFailure(report)
         stress = self.model.stress(states[grid.recorded])  # (step, n_total)
-        return stress.T.reshape(*batch, -1)
+        return stress.T.reshape(*batch, -1), report
 
-    def predict(self, latents: dict[str, torch.Tensor]):
+    def responses(self, latents: dict[str, torch.Tensor]):
         """Physical parameters and noise-free stress ``(draw, specimen, step)`` for a batch of
-        latent draws (leading dim = draw), in one batched solve (no autograd)."""
+        latent draws (leading dim = draw), in one batched solve (no autograd; a failed
+        specimen's stress is NaN)."""
         d = next(iter(latents.values())).shape[0]
         shaped = {k: v.reshape(d, 1) if v.dim() == 1 else v for k, v in latents.items()}
         with torch.no_grad(), pyro.plate("draws", d, dim=-2), poutine.condition(data=shaped):
-            values = self.sample_parameters(pyro.plate("specimen", self.experiments.n_specimens,
-                                                       dim=-1))
-            stress = self.simulate(values, adjoint=False, strict=False)
+            values = self.sample_parameters(self.specimen_plate())
+            stress, _ = self.solve_stress(values, adjoint=False, solving=Solving(strict=False))
         values = {k: v.squeeze(-1) if v.shape[-1] == 1 else v for k, v in values.items()}
         return values, stress
 
     def population(self, latents: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """``P_pop_mean`` and ``P_pop_sd`` (physical units) of every varying parameter."""
+        """Every varying parameter's population: ``P_pop_mean`` and ``P_pop_sd`` (physical
+        units), and ``P_pop_loc`` and ``P_pop_scale``, the logistic-normal's location and
+        scale in z, which new specimens are drawn from (:mod:`bayescal.predict`)."""
         out = {}
         for name in self.spec.varying:
             z_pop, cv = latents[f"{name}_pop_z"], latents[f"{name}_cv"]
-            mean, sd = population_moments(self.transforms[name], z_pop,
-                                          self.specimen_scale(name, z_pop, cv))
+            tau = self.specimen_scale(name, z_pop, cv)
+            mean, sd = population_moments(self.transforms[name], z_pop, tau)
             out[f"{name}_pop_mean"], out[f"{name}_pop_sd"] = mean, sd
+            out[f"{name}_pop_loc"], out[f"{name}_pop_scale"] = z_pop, tau
         return out
 
-    def __call__(self, observed: bool = True):
-        plate = pyro.plate("specimen", self.experiments.n_specimens, dim=-1)
+    def __call__(self, observed: bool = True, solving: Solving | None = None):
+        plate = self.specimen_plate()
         values = self.sample_parameters(plate)
-        noise = pyro.sample("noise_sd", dist.HalfNormal(
-            torch.tensor(self.spec.noise_prior_scale, dtype=torch.float64)))
-        stress = self.simulate(values)
+        noise = self.sample_noise()
+        stress, _ = self.solve_stress(values, solving=solving)
         exp = self.experiments
         obs = torch.nan_to_num(exp.stress.T) if observed else None
         with plate:

@@ -31,15 +31,15 @@ from typing import Sequence
 from bayescal.data import (
     MAX_STRESS,
     Experiments,
-    _assemble,
-    _Specimen,
-    _Table,
+    SpecimenRecord,
+    SpecimenTable,
+    assemble_experiments,
     check_input_file,
-    prepare_output_file,
     read_experiments,
     write_experiments,
 )
 from bayescal.errors import BadInput
+from bayescal.output import prepare_output_file
 
 #: MPa per ksi (1000 lbf/in^2 = 4.4482216152605 N / (0.0254 m)^2).
 KSI_TO_MPA = 6.894757293168361
@@ -340,8 +340,8 @@ def experiments_from_curves(curves: Sequence[Curve], source: str) -> Experiments
             columns["temperature"] = [curve.temperature] * len(curve.time)
         labels = {name: (repr(v) if isinstance(v, float) else v)
                   for name in label_names for v in [curve.labels[name]]}
-        specimens.append(_Specimen(curve.specimen, curve.first_line, labels, columns))
-    return _assemble(source, _Table(specimens, numeric, label_names, has_ids=True))
+        specimens.append(SpecimenRecord(curve.specimen, curve.first_line, labels, columns))
+    return assemble_experiments(source, SpecimenTable(specimens, numeric, label_names, has_ids=True))
 
 
 def read_matcal(directory: str | os.PathLike, stress_unit: str = "ksi",
@@ -363,7 +363,7 @@ def import_matcal(directory: str | os.PathLike, out: str | os.PathLike, stress_u
                   ) -> Imported:
     """:func:`read_matcal` written to ``out`` atomically, then read back and validated with
     :func:`~bayescal.data.read_experiments` (the returned experiments are the read-back)."""
-    out = prepare_output_file(out)
+    out = prepare_output_file(out, "the data CSV")
     curves = read_matcal_curves(directory, stress_unit, engineering, trim, pattern)
     write_experiments(experiments_from_curves(curves, str(directory)), out)
     experiments = read_experiments(out)

@@ -31,9 +31,10 @@ from pyzag.operators.dense import DenseBlockVector
 from bayescal.material import Integrable, MaterialModel, StrainControlledResidual
 from bayescal.schemes import DEFAULT_SCHEME, SCHEMES
 
-# pyzag announces, once per process, a torch.compile setting that matters only to compiled
-# models (which it has already made safe for its adjoint): noise to bayescal's users.
-warnings.filterwarnings("ignore", message="pyzag lowered torch._functorch.config.donated_buffer")
+#: pyzag announces, once per process when its first solver is built, a torch.compile setting
+#: that matters only to compiled models (which it has already made safe for its adjoint):
+#: noise to bayescal's users, silenced where the solver is built.
+PYZAG_COMPILE_NOTICE = "pyzag lowered torch._functorch.config.donated_buffer"
 
 PREDICTORS = {
     "step-extrapolating": nonlinear.StepExtrapolatingPredictor,
@@ -306,7 +307,9 @@ def integrate(model: Integrable, params: Mapping[str, torch.Tensor | float], gri
     report = SolveReport(failed=torch.zeros(batch, dtype=torch.bool, device=grid.time.device))
     if guess is not None:
         guess = _stage_guess(guess, n_stages, options.scheme)
-    solver = _RetryingSolver(factory, options, report, guess)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=PYZAG_COMPILE_NOTICE)
+        solver = _RetryingSolver(factory, options, report, guess)
     y0 = model.initial_state(batch, grid.time).repeat(1, n_stages)
     forces = model.forces(grid.time, grid.strain, grid.temperature)
     if adjoint:

@@ -20,6 +20,7 @@ import torch
 from pyzag.nonlinear import ChunkOp, NonlinearFunctionOperatorFactory
 from pyzag.ode import DenseODEWrapper
 
+from bayescal.catalogue import CATALOGUE
 from bayescal.schemes import SCHEMES
 
 Params = Mapping[str, torch.Tensor]
@@ -166,13 +167,22 @@ def _jc_flow(f: torch.Tensor, C: torch.Tensor, eps0: torch.Tensor):
     return eps0 * (expo - 1.0), torch.where(active, eps0 / C * expo, torch.zeros_like(f))
 
 
+def catalogued(name: str):
+    """Class decorator: the model's ``name``, ``parameters``, ``state_names`` and ``summary``
+    from :data:`bayescal.catalogue.CATALOGUE`, where they are written down once."""
+    entry = CATALOGUE[name]
+
+    def describe(cls):
+        cls.name, cls.parameters = entry.name, entry.parameters
+        cls.state_names, cls.summary = entry.state_names, entry.summary
+        return cls
+
+    return describe
+
+
+@catalogued("perzyna-voce")
 class PerzynaVoce(MaterialModel):
     """Elastic-viscoplastic with Voce isotropic hardening; state (sigma, R)."""
-
-    name = "perzyna-voce"
-    parameters = ("E", "sy", "Rinf", "d", "eta", "n")
-    state_names = ("stress", "R")
-    summary = "Perzyna overstress flow, Voce isotropic hardening"
 
     def rate(self, state, p, temperature=None):
         sigma, R = state[..., 0], state[..., 1]
@@ -189,13 +199,9 @@ class PerzynaVoce(MaterialModel):
         return rate, jac
 
 
+@catalogued("chaboche")
 class Chaboche(MaterialModel):
     """Perzyna-Voce plus one Armstrong-Frederick backstress; state (sigma, R, X)."""
-
-    name = "chaboche"
-    parameters = ("E", "sy", "Rinf", "d", "C", "g", "eta", "n")
-    state_names = ("stress", "R", "X")
-    summary = "Perzyna flow, Voce isotropic + Armstrong-Frederick kinematic hardening"
 
     def rate(self, state, p, temperature=None):
         sigma, R, X = state[..., 0], state[..., 1], state[..., 2]
@@ -214,13 +220,9 @@ class Chaboche(MaterialModel):
         return rate, jac
 
 
+@catalogued("voce-jc")
 class VoceJC(MaterialModel):
     """Voce hardening with a Johnson-Cook-type rate law as a flow rule; state (sigma, R)."""
-
-    name = "voce-jc"
-    parameters = ("E", "sy", "Rinf", "d", "C", "eps0")
-    state_names = ("stress", "R")
-    summary = "Johnson-Cook-type logarithmic rate sensitivity, Voce isotropic hardening"
 
     def rate(self, state, p, temperature=None):
         sigma, R = state[..., 0], state[..., 1]
@@ -276,6 +278,7 @@ def piecewise_linear(T: torch.Tensor, knots: Sequence[float], ordinates: Sequenc
 SOFTENINGS = ("johnson-cook", "piecewise-linear")
 
 
+@catalogued("voce-jc-thermal")
 class VoceJCThermal(MaterialModel):
     """:class:`VoceJC` with temperature: thermal softening of the flow stress and
     Taylor-Quinney heating by plastic work; state (sigma, R, heating).
@@ -296,14 +299,9 @@ class VoceJCThermal(MaterialModel):
     dependence of any shape, fitted from tests at several temperatures).
     """
 
-    name = "voce-jc-thermal"
     thermal = True
     base = ("E", "sy", "Rinf", "d", "C", "eps0")
     heat = ("beta", "rho_c", "rate_ad", "T0")
-    parameters = base + ("Tref", "Tmelt", "m") + heat
-    state_names = ("stress", "R", "heating")
-    summary = ("voce-jc with temperature: Johnson-Cook (or piecewise-linear) thermal softening, "
-               "Taylor-Quinney heating")
     #: Steel values: Taylor-Quinney coefficient 0.9, rho c of 304L (7.9 g/cm3 x 0.5 J/(g K)
     #: = 3.95 MPa/K), a transition from isothermal to adiabatic around 1 /s, room
     #: temperature, and Johnson-Cook's reference and melting temperatures of 304L.

@@ -202,7 +202,7 @@ class NEML2Model(Integrable):
         self._factory = _wrap(load_system(self.file, system, where), where, list(self.shapes))
         # every parameter becomes a plain (batch, ...) tensor, set by BoundSystem
         for name in self._factory.parameter_names:
-            del self._factory._parameters[name]
+            delattr(self._factory, name)
         self._device = torch.device("cpu")
         state = self._factory.slayout
         offsets = [0]

@@ -71,22 +71,41 @@ def prepare_output_folder(folder: str | os.PathLike, option: str = "--out",
     ``create`` is false (a check before any work is done); every problem is a
     :class:`BadInput` naming ``option`` and the folder."""
     folder = Path(folder)
+    _check_folder(folder, folder, option, create)
+    return folder
+
+
+def prepare_output_file(path: str | os.PathLike, what: str = "the output",
+                        option: str = "--out") -> Path:
+    """``path`` checked to be a file that can be written (it is not a folder; its folder
+    exists, or is created, and is writable) before any work is done, so that a command does
+    not run only to fail at the end; every problem is a :class:`BadInput` naming ``option``
+    and ``path``. ``what`` names the file in the message."""
+    path = Path(path)
+    if path.is_dir():
+        raise BadInput(f"{option} {path}: is a directory (give a file name for {what})")
+    _check_folder(path.parent, path, option, create=True)
+    return path
+
+
+def _check_folder(folder: Path, named: Path, option: str, create: bool) -> None:
+    """The one output-path check (see :func:`prepare_output_folder`); messages name
+    ``named``, the path the user gave."""
     for above in (folder, *folder.parents):
         if above.exists() and not above.is_dir():
-            where = "exists and is not a directory" if above == folder else \
+            where = "exists and is not a directory" if above == named else \
                 f"{str(above)!r} is a file, not a folder"
-            raise BadInput(f"{option} {folder}: {where}")
+            raise BadInput(f"{option} {named}: {where}")
     if create:
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise BadInput(f"{option} {folder}: cannot create the folder: "
+            raise BadInput(f"{option} {named}: cannot create the folder: "
                            f"{exc.strerror or exc}") from None
     existing = next(p for p in (folder, *folder.parents, Path(".")) if p.exists())
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise BadInput(f"{option} {folder}: cannot write to {str(existing)!r}: "
+        raise BadInput(f"{option} {named}: cannot write to folder {str(existing)!r}: "
                        "Permission denied")
-    return folder
 
 
 def _alive(pid: int) -> bool:

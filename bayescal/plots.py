@@ -6,21 +6,17 @@ Plots read only the InferenceData (and the card for priors); they know no solver
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from pathlib import Path
 
-import matplotlib
+import matplotlib.backend_bases
+from matplotlib.figure import Figure
+import numpy as np
+import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from bayescal.card import ModelSpec  # noqa: E402
-from bayescal.data import replace_from_temporary  # noqa: E402
-from bayescal.errors import BadInput  # noqa: E402
-from bayescal.hierarchy import Bounded  # noqa: E402
+from bayescal.card import ModelSpec
+from bayescal.errors import BadInput
+from bayescal.hierarchy import Bounded
+from bayescal.output import prepare_output_file, write_atomically
 
 BAND = (0.05, 0.95)
 MAX_PANELS = 24
@@ -29,8 +25,8 @@ MAX_PANELS = 24
 def _grid(n: int, width: float = 3.2, height: float = 2.6):
     cols = min(n, 4)
     rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False,
-                             sharex=False, sharey=True)
+    fig = Figure(figsize=(width * cols, height * rows))
+    axes = fig.subplots(rows, cols, squeeze=False, sharex=False, sharey=True)
     for ax in axes.flat[n:]:
         ax.set_visible(False)
     return fig, list(axes.flat)
@@ -58,7 +54,6 @@ def band_panels(names, strain: np.ndarray, lo: np.ndarray, mid: np.ndarray, hi: 
     fig.suptitle(title + extra)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def plot_bands(idata, path: Path, title: str = "Data and posterior-predictive 90% band") -> None:
@@ -98,7 +93,6 @@ def plot_bands_by_label(idata, label: str, path: Path) -> None:
     fig.suptitle(f"Data (dots), posterior-predictive medians (lines) and 90% bands by {label}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def plot_prediction(prediction, path: Path) -> None:
@@ -115,7 +109,8 @@ def plot_prediction(prediction, path: Path) -> None:
 def plot_elbo(idata, path: Path) -> None:
     """The MAP stage's log joint, then the SVI stage's ELBO, against evaluation."""
     attrs = idata.posterior.attrs
-    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    fig = Figure(figsize=(6.5, 3.6))
+    ax = fig.subplots()
     offset = 0
     for key, label in (("log_joint_map", "MAP (Newton): log joint"),
                        ("elbo", f"SVI ({attrs.get('guide')} guide): ELBO")):
@@ -130,7 +125,6 @@ def plot_elbo(idata, path: Path) -> None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def _prior_samples(spec: ModelSpec, name: str, n: int = 20000) -> np.ndarray:
@@ -178,7 +172,6 @@ def plot_population(idata, spec: ModelSpec, path: Path) -> None:
     fig.suptitle("Population: prior (line) vs posterior (histogram)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def write_fit_figures(idata, spec: ModelSpec, out: Path) -> list[Path]:
@@ -266,7 +259,7 @@ def plot_data(experiments, path: str | Path | None = None, by: str | None = None
     colour bar when its values span more than a decade; without such a label each specimen
     has its own colour. With ``by``, one panel per value of that label (2 to 12 values,
     numeric or text). The specimen ids are shown in a legend when there are at most
-    :data:`MAX_LEGEND` specimens. Returns the figure (close it with ``plt.close``); written
+    :data:`MAX_LEGEND` specimens. Returns the figure (a :class:`matplotlib.figure.Figure`, no pyplot state); written
     atomically to ``path`` if given, in the format of its suffix.
     """
     if x not in AXES:
@@ -275,8 +268,8 @@ def plot_data(experiments, path: str | Path | None = None, by: str | None = None
         raise BadInput(f"{experiments.source}: has no stress column (a load path, not data)")
     if path is not None:  # fail before the work
         path = Path(path)
+        prepare_output_file(path, "the figure")
         _figure_format(path)
-        _prepare_output(path)
     groups: list = [None]
     if by is not None:
         values = _check_label(experiments, by, "--by")
@@ -315,9 +308,8 @@ def plot_data(experiments, path: str | Path | None = None, by: str | None = None
     rows = math.ceil(n_panels / cols)
     width = 8.0 if n_panels == 1 else 3.6 * cols
     height = 5.0 if n_panels == 1 else 3.0 * rows
-    fig, axes = plt.subplots(rows, cols, figsize=(width + (1.2 if colour else 0), height),
-                             squeeze=False, sharey=True, sharex=x == "strain",
-                             layout="constrained")
+    fig = Figure(figsize=(width + (1.2 if colour else 0), height), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False, sharey=True, sharex=x == "strain")
     axes = list(axes.flat)
     for ax in axes[n_panels:]:
         ax.remove()
@@ -368,8 +360,6 @@ def plot_data(experiments, path: str | Path | None = None, by: str | None = None
 
 
 def _figure_format(path: Path) -> str:
-    if path.is_dir():
-        raise BadInput(f"--out {path}: is a directory (give a file name for the figure)")
     formats = matplotlib.backend_bases.FigureCanvasBase.get_supported_filetypes()
     fmt = path.suffix.lstrip(".").lower()
     if fmt not in formats:
@@ -383,29 +373,6 @@ def save_figure(fig, path: str | Path, dpi: int = 130) -> Path:
     that an earlier figure is never half-overwritten. The folder is created if missing; a
     folder that cannot be written is a :class:`~bayescal.errors.BadInput`."""
     path = Path(path)
+    prepare_output_file(path, "the figure")
     fmt = _figure_format(path)
-    folder = _prepare_output(path)
-    try:
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as exc:
-        raise BadInput(f"--out {path}: cannot write to folder {str(folder)!r}: "
-                       f"{exc.strerror or exc}") from None
-    replace_from_temporary(fd, tmp, path, lambda f: fig.savefig(f, format=fmt, dpi=dpi), "wb")
-    return path
-
-
-def _prepare_output(path: Path) -> Path:
-    """The folder of ``path``, created if missing; a BadInput when it cannot be."""
-    folder = path.parent
-    for above in (folder, *folder.parents):
-        if above.exists() and not above.is_dir():
-            raise BadInput(f"--out {path}: {str(above)!r} is a file, not a folder")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise BadInput(f"--out {path}: cannot create folder {str(folder)!r}: "
-                       f"{exc.strerror or exc}") from None
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise BadInput(f"--out {path}: cannot write to folder {str(folder)!r}: "
-                       "Permission denied")
-    return folder
+    return write_atomically(path, lambda f: fig.savefig(f, format=fmt, dpi=dpi))

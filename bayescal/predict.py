@@ -8,9 +8,9 @@ Two kinds of prediction, both with measurement noise unless asked otherwise:
 * **fitted**: the fitted specimens' own parameter draws, each on its own path (or on one
   shared path): their bands on new loads.
 
-The population in the posterior is stored as physical moments (``P_pop_mean``,
-``P_pop_sd``); :func:`population_latents` inverts them to the logistic-normal's location and
-scale, so that a posterior from any method (map, svi, nuts) works. Draws and paths share one
+New specimens come from the population's latent location and scale stored with the
+posterior (``P_pop_loc``, ``P_pop_scale``), so that a posterior from any method (map, svi,
+nuts) works. Draws and paths share one
 batched solve (split into pieces of at most ``max_batch`` paths), never one solve per draw.
 """
 
@@ -23,15 +23,17 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-import arviz as az
 import numpy as np
 import torch
 import xarray as xr
 
+from bayescal.arviz_import import az
+
 from bayescal.card import ModelSpec, load_card, load_model, parse_card
 from bayescal.data import Experiments, write_table
 from bayescal.errors import BadInput
-from bayescal.hierarchy import Bounded, population_moments
+from bayescal.export import POPULATION_SUFFIXES, population_names
+from bayescal.hierarchy import Bounded
 from bayescal.integrate import SolverOptions, fixed_substeps, plan_substeps, simulate
 
 BAND = (0.05, 0.5, 0.95)
@@ -120,9 +122,15 @@ def check_posterior(idata: az.InferenceData, spec: ModelSpec, where: str) -> Non
         if spec.parameters[name].varies == "shared":
             expected[name] = sampled
         else:
-            expected.update({name: sampled + ("specimen",), f"{name}_pop_mean": sampled,
-                             f"{name}_pop_sd": sampled})
+            expected.update({name: sampled + ("specimen",),
+                             **{pop: sampled for pop in population_names(name)}})
     present = set(post.data_vars)
+    older = [name for name in spec.varying
+             if f"{name}_pop_mean" in present and f"{name}_pop_loc" not in present]
+    if older:
+        raise BadInput(f"{where}: the posterior lacks the population's latent location and "
+                       f"scale ({older[0]}_pop_loc, {older[0]}_pop_scale): it was written by an "
+                       "older bayescal; fit again")
     if present != set(expected):
         missing, extra = sorted(set(expected) - present), sorted(present - set(expected))
         detail = "; ".join(part for part in (
@@ -136,9 +144,15 @@ def check_posterior(idata: az.InferenceData, spec: ModelSpec, where: str) -> Non
             raise BadInput(f"{where}: posterior variable {name} has dimensions "
                            f"{post[name].dims}, expected {dims}")
         values = np.asarray(post[name].values, dtype=float)
-        base = name.removesuffix("_pop_mean").removesuffix("_pop_sd")
+        base = name
+        for suffix in POPULATION_SUFFIXES:
+            base = base.removesuffix(suffix)
         if name == "noise_sd":
             low, high, what = 0.0, math.inf, "positive"
+        elif name.endswith("_pop_loc"):
+            low, high, what = -math.inf, math.inf, ""
+        elif name.endswith("_pop_scale"):
+            low, high, what = 0.0, math.inf, "non-negative"
         elif name.endswith("_pop_sd"):
             lo, hi = spec.parameters[base].bounds
             low, high, what = 0.0, hi - lo, f"between 0 and {hi - lo:g}"
@@ -162,36 +176,6 @@ def load_for_prediction(posterior: str | Path, card: str | Path | None = None
     spec = card_of(idata, card)
     check_posterior(idata, spec, f"--card {card}" if card is not None else str(posterior))
     return idata, spec
-
-
-def population_latents(transform: Bounded, mean: torch.Tensor, sd: torch.Tensor,
-                       iterations: int = 60) -> tuple[torch.Tensor, torch.Tensor]:
-    """Location and scale ``(z_pop, tau)`` of the logistic-normal population whose physical
-    mean and sd are ``mean`` and ``sd`` (batched), by damped Newton on the moments."""
-    width = transform.hi - transform.lo
-    z = transform.inverse(mean)
-    degenerate = sd <= 1e-10 * width
-    tau = torch.where(degenerate, 0.0, sd / transform.slope(z))
-    x = torch.stack([z, tau.clamp_min(1e-300).log()], -1)
-    for _ in range(iterations):
-        x = x.detach().requires_grad_(True)
-        m, s = population_moments(transform, x[..., 0], x[..., 1].exp())
-        r = torch.stack([(m - mean) / width, (s - sd) / width], -1)
-        rows = [torch.autograd.grad(r[..., k].sum(), x, retain_graph=k == 0)[0] for k in (0, 1)]
-        jac = torch.stack(rows, -2)
-        with torch.no_grad():
-            r = torch.where(degenerate[..., None], 0.0, r)
-            if float(r.abs().max()) < 1e-13:
-                break
-            jac = torch.where(degenerate[..., None, None], torch.eye(2, dtype=x.dtype), jac)
-            delta = torch.linalg.solve(jac, r[..., None])[..., 0]
-            delta = delta / delta.abs().amax(-1, keepdim=True).clamp_min(1.0)  # damped
-            x = x - delta
-    else:
-        raise RuntimeError(f"population moments could not be inverted (residual "
-                           f"{float(r.abs().max()):.2e})")
-    x = x.detach()
-    return x[..., 0], torch.where(degenerate, 0.0, x[..., 1].exp())
 
 
 def _stacked(idata: az.InferenceData, name: str) -> torch.Tensor:
@@ -218,8 +202,8 @@ def new_specimens(spec: ModelSpec, idata: az.InferenceData, index: torch.Tensor,
             values[name] = _stacked(idata, name)[index]
         else:
             t = Bounded(*p.bounds)
-            z_pop, tau = population_latents(t, _stacked(idata, f"{name}_pop_mean")[index],
-                                            _stacked(idata, f"{name}_pop_sd")[index])
+            z_pop = _stacked(idata, f"{name}_pop_loc")[index]
+            tau = _stacked(idata, f"{name}_pop_scale")[index]
             eps = torch.randn(index.shape, generator=generator, dtype=torch.float64)
             values[name] = t.forward(z_pop + tau * eps)
     return values

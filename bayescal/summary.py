@@ -7,10 +7,11 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
-import arviz as az
+from bayescal.arviz_import import az
 import pandas as pd
 
 from bayescal.errors import BadInput
+from bayescal.export import LATENT_SUFFIXES
 
 HDI_PROB = 0.9
 #: R-hat above this says the chains have not mixed (Vehtari et al. 2021).
@@ -38,7 +39,7 @@ def load_posterior(path: str | Path) -> az.InferenceData:
 def summary_table(idata: az.InferenceData, population_only: bool = False) -> pd.DataFrame:
     """Mean, sd and 90% highest-density interval of every posterior variable (or only the
     population-level ones), plus R-hat and ESS when there are several chains."""
-    names = list(idata.posterior.data_vars)
+    names = [n for n in idata.posterior.data_vars if not n.endswith(LATENT_SUFFIXES)]
     if population_only:
         names = [n for n in names if "specimen" not in idata.posterior[n].dims]
     several_chains = idata.posterior.sizes["chain"] > 1

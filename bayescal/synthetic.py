@@ -12,11 +12,12 @@ import numpy as np
 import torch
 
 from bayescal.card import ModelSpec, load_model
-from bayescal.data import (Experiments, has_specimen_column, prepare_output_file,
-                           read_load_path, write_experiments, write_table)
+from bayescal.data import (Experiments, has_specimen_column, read_load_path, write_experiments,
+                           write_table)
 from bayescal.errors import BadInput
 from bayescal.hierarchy import SolverFailure, draw_specimens
 from bayescal.integrate import simulate
+from bayescal.output import prepare_output_file
 
 
 @dataclass(frozen=True)
@@ -102,9 +103,9 @@ def parameters_path(out: str | os.PathLike) -> Path:
 
 
 def output_paths(out: str | os.PathLike) -> tuple[Path, Path]:
-    """The data file ``out`` (checked by :func:`~bayescal.data.prepare_output_file`) and its
+    """The data file ``out`` (checked by :func:`~bayescal.output.prepare_output_file`) and its
     parameters file."""
-    out = prepare_output_file(out)
+    out = prepare_output_file(out, "the data CSV")
     return out, parameters_path(out)
 
 

@@ -14,6 +14,7 @@ from bayescal.check import piecewise_path
 from bayescal.data import Experiments
 from bayescal.fit import fit, fit_to_directory
 from bayescal.hierarchy import Hierarchy
+from bayescal.inference.laplace import MAPConfig
 from bayescal.inference.svi import SVIConfig
 
 CARD = "models/perzyna-voce.toml"
@@ -39,7 +40,7 @@ def synthetic(n_specimens: int, seed: int, points_per_segment: int = 20):
     truth = {k: m * (1 + TRUE_CV * torch.randn(n_specimens, generator=generator,
                                                          dtype=torch.float64))
              for k, m in TRUE_MEANS.items()}
-    clean = Hierarchy(spec, blank).simulate(truth, adjoint=False).T
+    clean = Hierarchy(spec, blank).solve_stress(truth, adjoint=False)[0].T
     stress = clean + NOISE * torch.randn(clean.shape, generator=generator, dtype=torch.float64)
     return dataclasses.replace(blank, stress=stress), truth
 
@@ -49,13 +50,15 @@ def small_problem():
     return synthetic(3, seed=5, points_per_segment=8)
 
 
-QUICK = SVIConfig(guide="mvn", steps=30, min_steps=10, map_iterations=8, particles=2)
+QUICK = SVIConfig(guide="mvn", steps=30, min_steps=10, particles=2)
+QUICK_MAP = MAPConfig(iterations=8)
 
 
 @pytest.fixture(scope="module")
 def small_fit(small_problem):
     experiments, _ = small_problem
-    return fit(load_card(CARD), experiments, config=QUICK, draws=40, seed=3, progress=False,
+    return fit(load_card(CARD), experiments, config=QUICK, map_config=QUICK_MAP, draws=40, seed=3,
+               progress=False,
                command="bayescal fit test")
 
 
@@ -66,7 +69,8 @@ def test_export_contract_field_by_field(small_fit, small_problem):
                                    "observed_data", "constant_data"}
     post = idata.posterior
     names = ["sy", "Rinf", "d", "eta"]
-    expected = {n for n in names} | {f"{n}_pop_{s}" for n in names for s in ("mean", "sd")}
+    expected = {n for n in names} | {f"{n}_pop_{s}" for n in names
+                                     for s in ("mean", "sd", "loc", "scale")}
     assert set(post.data_vars) == expected | {"noise_sd"}
     assert post["sy"].dims == ("chain", "draw", "specimen")
     assert post["sy_pop_mean"].dims == ("chain", "draw")
@@ -101,7 +105,7 @@ def test_log_likelihood_is_the_sum_over_steps(small_fit, small_problem):
     post = small_fit.posterior
     spec = load_card(CARD)
     values = {k: torch.as_tensor(post[k].values[0, :1]) for k in ("sy", "Rinf", "d", "eta")}
-    mean = Hierarchy(spec, experiments).simulate(values, adjoint=False)[0]
+    mean = Hierarchy(spec, experiments).solve_stress(values, adjoint=False)[0][0]
     noise = float(post["noise_sd"].values[0, 0])
     expected = torch.distributions.Normal(mean, noise).log_prob(experiments.stress.T).sum(-1)
     np.testing.assert_allclose(small_fit.log_likelihood["stress"].values[0, 0],
@@ -110,7 +114,8 @@ def test_log_likelihood_is_the_sum_over_steps(small_fit, small_problem):
 
 def test_same_seed_same_numbers(small_problem, small_fit):
     experiments, _ = small_problem
-    again = fit(load_card(CARD), experiments, config=QUICK, draws=40, seed=3, progress=False,
+    again = fit(load_card(CARD), experiments, config=QUICK, map_config=QUICK_MAP, draws=40, seed=3,
+               progress=False,
                 command="bayescal fit test")
     for name in ("sy", "sy_pop_mean", "noise_sd"):
         np.testing.assert_array_equal(again.posterior[name].values, small_fit.posterior[name].values)
@@ -118,19 +123,21 @@ def test_same_seed_same_numbers(small_problem, small_fit):
 
 def test_map_is_one_point_with_noise_only_bands(small_problem):
     experiments, _ = small_problem
-    idata = fit(load_card(CARD), experiments, method="map", config=QUICK, draws=20,
+    idata = fit(load_card(CARD), experiments, method="map", config=QUICK, map_config=QUICK_MAP, draws=20,
                 progress=False)
     assert idata.posterior.attrs["guide"] == "delta"
     assert float(idata.posterior["sy"].std(dim=("chain", "draw")).max()) < 1e-9
     assert float(idata.posterior_predictive["stress"].std(dim=("chain", "draw")).mean()) > 0.5
 
 
+@pytest.mark.slow
 def test_resume_continues_from_checkpoint_and_keeps_old_posterior(tmp_path, small_problem):
     experiments, _ = small_problem
     spec = load_card(CARD)
     out = tmp_path / "fit"
     config = dataclasses.replace(QUICK, steps=40, min_steps=40, checkpoint_every=10)
-    first = fit_to_directory(spec, experiments, out, figures=False, config=config, draws=10,
+    first = fit_to_directory(spec, experiments, out, figures=False, config=config,
+                             map_config=QUICK_MAP, draws=10,
                              progress=False)
     before = (out / "posterior.nc").read_bytes()
 
@@ -149,13 +156,15 @@ def test_resume_continues_from_checkpoint_and_keeps_old_posterior(tmp_path, smal
     svi.Trace_ELBO.differentiable_loss = dying
     try:
         with pytest.raises(KeyboardInterrupt):
-            fit_to_directory(spec, experiments, out, figures=False, config=config, draws=10,
+            fit_to_directory(spec, experiments, out, figures=False, config=config,
+                             map_config=QUICK_MAP, draws=10,
                              progress=False, seed=1)
     finally:
         svi.Trace_ELBO.differentiable_loss = original
     assert (out / "posterior.nc").read_bytes() == before, "a killed run changed posterior.nc"
 
-    resumed = fit_to_directory(spec, experiments, out, figures=False, config=config, draws=10,
+    resumed = fit_to_directory(spec, experiments, out, figures=False, config=config,
+                             map_config=QUICK_MAP, draws=10,
                                progress=False, seed=1, resume=True)
     map_evals = len(first.posterior.attrs["log_joint_map"])
     assert resumed.posterior.attrs["resumed_from"] == map_evals + 20
@@ -194,7 +203,8 @@ def test_recovery_and_coverage_mvn():
 def test_coloured_hessian_equals_the_dense_one(centered):
     """The block-arrow colouring (2 x (globals + kinds) points) gives the Hessian that
     central differences of every coordinate (2 x dim points) give."""
-    from bayescal.inference.svi import Packing, gradient_and_hessian, initial_values
+    from bayescal.inference.laplace import gradient_and_hessian
+    from bayescal.inference.packing import Packing, initial_values
 
     experiments, _ = synthetic(4, seed=1, points_per_segment=6)
     h = Hierarchy(load_card(CARD), experiments, centered=centered)
@@ -221,6 +231,7 @@ def test_numeric_labels_are_exported_and_grouped_in_a_figure(tmp_path, small_pro
                                                         "heat": ("A", "B", "A")})
     config = dataclasses.replace(QUICK, guide="delta")
     idata = fit_to_directory(load_card(CARD), labelled, tmp_path, method="map", config=config,
+                             map_config=QUICK_MAP,
                              draws=5, seed=0, progress=False)
     rate = idata.constant_data["strain_rate"]
     assert rate.dims == ("specimen",)

@@ -228,13 +228,13 @@ def test_a_crafted_checkpoint_runs_no_code(capsys, files, tmp_path):
 def test_a_killed_map_stage_resumes_where_it_was(files, tmp_path, monkeypatch):
     """The MAP stage is checkpointed every Newton iteration: killed in its third, the resumed
     run continues from the second and ends where an uninterrupted run ends."""
-    import bayescal.inference.svi as svi
+    import bayescal.inference.laplace as laplace
 
     spec, out = load_card(PERZYNA), tmp_path / "fit"
     from bayescal.data import read_experiments
 
     experiments = read_experiments(files["data"])
-    original, calls = svi.gradient_and_hessian, {"n": 0}
+    original, calls = laplace.gradient_and_hessian, {"n": 0}
 
     def dying(*args, **kwargs):
         calls["n"] += 1
@@ -242,13 +242,15 @@ def test_a_killed_map_stage_resumes_where_it_was(files, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(svi, "gradient_and_hessian", dying)
+    monkeypatch.setattr(laplace, "gradient_and_hessian", dying)
     with pytest.raises(KeyboardInterrupt):
         fit_to_directory(spec, experiments, out, figures=False, method="map", draws=5,
                          progress=False)
-    monkeypatch.setattr(svi, "gradient_and_hessian", original)
+    monkeypatch.setattr(laplace, "gradient_and_hessian", original)
     assert not (out / LOCK_NAME).exists()
-    assert svi._read_checkpoint(out / "checkpoint.pt")["state"]["stage"] == "map"
+    from bayescal.inference.checkpoints import _read_checkpoint
+
+    assert _read_checkpoint(out / "checkpoint.pt")["state"]["stage"] == "map"
     resumed = fit_to_directory(spec, experiments, out, figures=False, method="map", draws=5,
                                progress=False, resume=True)
     assert resumed.posterior.attrs["resumed_from"] == 2
@@ -294,12 +296,29 @@ def test_help_of_every_command_exits_0(capsys):
         assert status == 0 and err == "" and out.startswith(f"usage: bayescal {name}"), name
 
 
-def test_help_imports_no_torch():
-    code = ("import sys; from bayescal.cli import main; status = main(['--help']); "
-            "sys.exit(10 if 'torch' in sys.modules else status)")
+@pytest.mark.parametrize("argv", [["--help"], ["models"]])
+def test_help_and_models_import_no_torch(argv):
+    """They answer at once: nothing heavy is imported (torch alone takes seconds)."""
+    code = (f"import sys; from bayescal.cli import main; status = main({argv!r}); "
+            "heavy = [m for m in ('torch', 'pyro', 'arviz', 'matplotlib', 'pyzag') "
+            "if m in sys.modules]; print(heavy); sys.exit(10 if heavy else status)")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
                           text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert proc.returncode == 0, proc.stderr
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.rstrip().endswith("[]")
+
+
+def test_models_lists_the_catalogue_that_the_classes_use():
+    """``bayescal models`` reads the torch-free catalogue; the model classes take their
+    names, parameters and state from the same entries."""
+    from bayescal.catalogue import CATALOGUE
+    from bayescal.material import MODELS
+
+    assert list(CATALOGUE) == list(MODELS)
+    for name, cls in MODELS.items():
+        entry = CATALOGUE[name]
+        assert (cls.name, cls.parameters, cls.state_names, cls.summary) == \
+            (entry.name, entry.parameters, entry.state_names, entry.summary)
 
 
 def test_an_interrupt_at_any_moment_is_exit_130_and_one_line(capsys, monkeypatch):

@@ -335,7 +335,7 @@ def test_simulate_fit_and_predict_at_ten_rate_and_temperature_conditions(tmp_pat
     and population predictions: no NaN anywhere, and the fit brings the rms residual down to
     the noise."""
     from bayescal.fit import fit
-    from bayescal.inference.svi import SVIConfig
+    from bayescal.inference.laplace import MAPConfig
     from bayescal.predict import predict
     from bayescal.synthetic import simulate_experiments
 
@@ -347,7 +347,7 @@ def test_simulate_fit_and_predict_at_ten_rate_and_temperature_conditions(tmp_pat
     data = simulate_experiments(spec, load, seed=3, noise_sd=2.0).experiments
     assert not torch.isnan(data.stress).any()
 
-    idata = fit(spec, data, method="map", config=SVIConfig(map_iterations=3), draws=20,
+    idata = fit(spec, data, method="map", map_config=MAPConfig(iterations=3), draws=20,
                 progress=False)
     predictive = torch.as_tensor(idata.posterior_predictive["stress"].values)
     assert not torch.isnan(predictive).any()

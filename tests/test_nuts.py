@@ -16,6 +16,7 @@ from bayescal.fit import fit
 from bayescal.hierarchy import Hierarchy, SolverFailure
 from bayescal.inference import nuts
 from bayescal.inference.nuts import NUTSConfig
+from bayescal.inference.laplace import MAPConfig
 from bayescal.inference.svi import SVIConfig
 from bayescal.summary import format_summary
 from test_fit import CARD, TRUE_MEANS, synthetic
@@ -70,6 +71,7 @@ def test_nuts_and_full_rank_svi_agree_on_population_means(nuts_fit, five_specime
         assert gap < 0.5, name
 
 
+@pytest.mark.slow
 def test_export_contract_for_nuts(nuts_fit, five_specimens):
     experiments, _ = five_specimens
     post, stats = nuts_fit.posterior, nuts_fit.sample_stats
@@ -96,6 +98,7 @@ def idata_has_log_likelihood_per_specimen(idata, n_specimens) -> bool:
     return ll.dims == ("chain", "draw", "specimen") and ll.sizes["specimen"] == n_specimens
 
 
+@pytest.mark.slow
 def test_a_failed_solve_is_a_rejection_not_a_crash(five_specimens, monkeypatch):
     """Every fourth log-density evaluation fails: the chain goes on, counts the failures and
     never accepts a failed point."""
@@ -105,20 +108,21 @@ def test_a_failed_solve_is_a_rejection_not_a_crash(five_specimens, monkeypatch):
                                  for k in ("time", "strain", "stress", "mask")})
     spec = long_chunks(load_card(CARD))
     h = Hierarchy(spec, few, centered=True)
-    simulate = Hierarchy.simulate
+    solve_stress = Hierarchy.solve_stress
     calls = {"n": 0}
 
-    def flaky(self, values, adjoint=True, strict=None):
-        stress = simulate(self, values, adjoint, strict)
+    def flaky(self, values, adjoint=True, solving=None):
+        stress, report = solve_stress(self, values, adjoint, solving)
         if adjoint and torch.is_grad_enabled():
             calls["n"] += 1
             if calls["n"] % 4 == 0:
-                raise SolverFailure(self.last_report)
-        return stress
+                raise SolverFailure(report)
+        return stress, report
 
     centre, covariance, _, substeps = nuts.approximation(
-        h, NUTSConfig(), SVIConfig(map_iterations=10), seed=0, progress=False)
-    monkeypatch.setattr(Hierarchy, "simulate", flaky)
+        h, NUTSConfig(), SVIConfig(), seed=0, progress=False,
+        map_config=MAPConfig(iterations=10))
+    monkeypatch.setattr(Hierarchy, "solve_stress", flaky)
     job = nuts._Chain(spec, few, h.options, substeps, True, centre,
                       torch.linalg.cholesky(covariance),
                       NUTSConfig(chains=1, warmup=10, samples=15), seed=0, index=0, threads=1)

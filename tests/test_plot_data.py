@@ -242,7 +242,7 @@ def test_out_folder_without_write_permission(capsys, data, tmp_path, old_figure)
 def test_out_folder_without_write_permission_as_root(capsys, data, tmp_path, old_figure,
                                                      monkeypatch):
     """The same message where the test runs as root: the permission answer is simulated."""
-    monkeypatch.setattr("bayescal.plots.os.access", lambda path, mode: False)
+    monkeypatch.setattr("bayescal.output.os.access", lambda path, mode: False)
     expect_error(capsys, old_figure, data, "--out", old_figure,
                  message=f"--out {old_figure}: cannot write to folder '{tmp_path}': "
                          "Permission denied")

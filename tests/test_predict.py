@@ -12,25 +12,15 @@ import torch
 
 from bayescal.card import load_card
 from bayescal.data import Experiments, read_load_path
+from bayescal.errors import BadInput
 from bayescal.export import write_netcdf
 from bayescal.fit import fit
 from bayescal.hierarchy import Bounded, Hierarchy, population_moments
-from bayescal.predict import population_latents, predict
+from bayescal.predict import check_posterior, predict
 from tests.test_cli import ROOT, one_line_error, run
 from tests.test_fit import CARD, NOISE, TRUE_CV, TRUE_MEANS, synthetic
 
 TWO_RATES = ROOT / "docs" / "examples" / "two-rates-load.csv"
-
-
-def test_population_moments_are_inverted_exactly():
-    t = Bounded(50.0, 600.0)
-    z = torch.linspace(-3.0, 3.0, 7, dtype=torch.float64).repeat_interleave(4)
-    tau = torch.tensor([0.0, 0.01, 0.3, 1.5], dtype=torch.float64).repeat(7)
-    mean, sd = population_moments(t, z, tau)
-    z_back, tau_back = population_latents(t, mean, sd)
-    assert float((z_back - z).abs().max()) < 1e-9
-    assert float((tau_back - tau).abs().max()) < 1e-9
-    assert bool((tau_back[tau == 0] == 0).all())
 
 
 DATA_SEEDS = (1, 2, 3)
@@ -55,6 +45,14 @@ def population_fit(population_fits):
     return population_fits[0]
 
 
+@pytest.fixture(scope="module")
+def quick_fit():
+    """A small Laplace fit (4 specimens) for the tests of predict's mechanics and errors."""
+    experiments, _ = synthetic(4, seed=1, points_per_segment=6)
+    return experiments, fit(load_card(CARD), experiments, method="laplace", draws=200, seed=0,
+                            progress=False, command="bayescal fit test")
+
+
 def new_specimens_on(load: Experiments, per_path: int, seed: int):
     """``per_path`` new specimens from the true population on each path of ``load``, with
     noise: the columns of the returned stress ``(step, path * per_path)``, path-major."""
@@ -66,7 +64,7 @@ def new_specimens_on(load: Experiments, per_path: int, seed: int):
     truth = {k: m * (1 + TRUE_CV * torch.randn(len(index), generator=generator,
                                                          dtype=torch.float64))
              for k, m in TRUE_MEANS.items()}
-    clean = Hierarchy(load_card(CARD), many).simulate(truth, adjoint=False).T
+    clean = Hierarchy(load_card(CARD), many).solve_stress(truth, adjoint=False)[0].T
     noise = torch.randn(clean.shape, generator=generator, dtype=torch.float64)
     return clean + NOISE * noise, index
 
@@ -76,6 +74,7 @@ def inside(bands: dict, stress: np.ndarray, mask: np.ndarray) -> float:
     return float(hit[mask].mean())
 
 
+@pytest.mark.slow
 def test_population_bands_hold_new_specimens(population_fits):
     """A 90 % band of new specimens holds 80-98 % of the points of 400 new specimens from the
     true population, on average over three fitted data sets (one data set of 16 specimens
@@ -93,6 +92,7 @@ def test_population_bands_hold_new_specimens(population_fits):
     assert 0.80 <= np.mean(coverages) <= 0.98, coverages
 
 
+@pytest.mark.slow
 def test_fitted_bands_hold_the_fitted_data(population_fit):
     experiments, idata = population_fit
     load = dataclasses.replace(experiments, stress=None)
@@ -105,16 +105,36 @@ def test_fitted_bands_hold_the_fitted_data(population_fit):
     assert without < 0.8 * coverage, (without, coverage)
 
 
-def test_split_batches_give_the_same_draws(population_fit):
-    _, idata = population_fit
+def test_stored_population_latents_give_the_stored_moments(quick_fit):
+    """New specimens are drawn from the stored latent location and scale; they are the
+    population whose physical mean and sd the posterior reports."""
+    _, idata = quick_fit
+    post, spec = idata.posterior, load_card(CARD)
+    for name in spec.varying:
+        loc = torch.as_tensor(post[f"{name}_pop_loc"].values)
+        scale = torch.as_tensor(post[f"{name}_pop_scale"].values)
+        mean, sd = population_moments(Bounded(*spec.parameters[name].bounds), loc, scale)
+        np.testing.assert_allclose(mean.numpy(), post[f"{name}_pop_mean"].values, rtol=1e-12)
+        np.testing.assert_allclose(sd.numpy(), post[f"{name}_pop_sd"].values, rtol=1e-12)
+    older = idata.copy()
+    older.posterior = idata.posterior.drop_vars([f"{n}_{k}" for n in spec.varying
+                                                 for k in ("pop_loc", "pop_scale")])
+    with pytest.raises(BadInput, match=r"^old.nc: the posterior lacks the population's latent "
+                                       r"location and scale \(sy_pop_loc, sy_pop_scale\): it "
+                                       r"was written by an older bayescal; fit again$"):
+        check_posterior(older, spec, "old.nc")
+
+
+def test_split_batches_give_the_same_draws(quick_fit):
+    _, idata = quick_fit
     load = read_load_path(TWO_RATES)
     one = predict(idata, load, draws=12, seed=3, noise=False)
     split = predict(idata, load, draws=12, seed=3, noise=False, max_batch=5)
     np.testing.assert_allclose(split.stress.numpy(), one.stress.numpy(), rtol=1e-12, atol=1e-9)
 
 
-def test_map_posterior_says_its_bands_hold_noise_only(population_fit):
-    _, idata = population_fit
+def test_map_posterior_says_its_bands_hold_noise_only(quick_fit):
+    _, idata = quick_fit
     point = idata.copy()
     point.posterior = idata.posterior.isel(draw=[0] * 20).assign_coords(draw=np.arange(20))
     prediction = predict(point, read_load_path(TWO_RATES), draws=50, fitted=False, seed=0)
@@ -123,8 +143,8 @@ def test_map_posterior_says_its_bands_hold_noise_only(population_fit):
                                 "specimen-to-specimen spread",)
 
 
-def test_predict_from_the_command_line(capsys, tmp_path, population_fit):
-    _, idata = population_fit
+def test_predict_from_the_command_line(capsys, tmp_path, quick_fit):
+    _, idata = quick_fit
     posterior = tmp_path / "fit" / "posterior.nc"
     write_netcdf(idata, posterior)
     out = tmp_path / "pred"
@@ -165,14 +185,14 @@ def test_predict_from_the_command_line(capsys, tmp_path, population_fit):
     status, stdout, err = run(capsys, "predict", posterior, "--load", single, "--fitted",
                               "--draws", 10, "--no-figures", "--out", tmp_path / "fitted")
     assert status == 0, err
-    assert stdout.splitlines()[-1].endswith("(10 draws, fitted specimens, 16 paths)")
+    assert stdout.splitlines()[-1].endswith("(10 draws, fitted specimens, 4 paths)")
     fitted = az.from_netcdf(tmp_path / "fitted" / "predictions.nc").predictions
     assert list(fitted["specimen"].values) == list(idata.posterior["specimen"].values)
     assert fitted["sy"].dims == ("chain", "draw", "specimen")
 
 
-def test_predict_bad_input(capsys, tmp_path, population_fit):
-    experiments, idata = population_fit
+def test_predict_bad_input(capsys, tmp_path, quick_fit):
+    experiments, idata = quick_fit
     posterior = tmp_path / "posterior.nc"
     write_netcdf(idata, posterior)
     out = tmp_path / "out"

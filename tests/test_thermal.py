@@ -19,7 +19,7 @@ from bayescal.data import Experiments
 from bayescal.errors import BadInput
 from bayescal.fit import fit
 from bayescal.hierarchy import Hierarchy
-from bayescal.inference.svi import SVIConfig
+from bayescal.inference.laplace import MAPConfig
 from bayescal.material import StrainControlledResidual, get_model, piecewise_linear
 from bayescal.integrate import SolverOptions, integrate, refine, simulate
 
@@ -304,16 +304,17 @@ def synthetic_map(spec, load, truth, noise=3.0, seed=11):
     """The MAP of ``spec`` on ``load`` simulated at ``truth`` (shared by every specimen)
     with Gaussian noise of sd ``noise``."""
     blank = dataclasses.replace(load, stress=torch.zeros_like(load.time))
-    clean = Hierarchy(spec, blank).simulate(
+    clean = Hierarchy(spec, blank).solve_stress(
         {k: torch.full((load.n_specimens,), v, dtype=torch.float64) for k, v in truth.items()},
-        adjoint=False).T
+        adjoint=False)[0].T
     gen = torch.Generator().manual_seed(seed)
     data = dataclasses.replace(blank, stress=clean + noise * torch.randn(
         clean.shape, generator=gen, dtype=torch.float64))
-    return fit(spec, data, method="map", config=SVIConfig(map_iterations=60), draws=10, seed=0,
+    return fit(spec, data, method="map", map_config=MAPConfig(iterations=60), draws=10, seed=0,
                progress=False).posterior
 
 
+@pytest.mark.slow
 def test_recovers_parameters_from_three_rates_and_two_temperatures(tmp_path):
     """Synthetic tests at 1e-3, 10 and 2000 /s, each starting at 297 and 473 K, with 3 MPa
     noise: the MAP recovers the softening exponent m (informed by the hot tests and by

@@ -67,8 +67,7 @@ def replan_at_map(h: Hierarchy, map_values: dict) -> Hierarchy | None:
     if float(error_at(h, values).nan_to_num(nan=torch.inf).max()) <= h.options.tolerance:
         return None
     plan = plan_integration(h.spec, h.model, exp, h.options, values=values)
-    return Hierarchy(h.spec, exp, h.options, centered=h.centered, warm_start=h.warm_start,
-                     substeps=torch.maximum(h.substeps, plan.substeps))
+    return h.with_grid(torch.maximum(h.substeps, plan.substeps))
 
 
 def fixed_values(spec: ModelSpec, n: int) -> dict[str, torch.Tensor]:

@@ -14,6 +14,7 @@ from pyro.infer import Predictive
 from pyro.infer.autoguide import AutoDelta
 
 from bayescal.hierarchy import Hierarchy
+from bayescal.inference.packing import Packing, latent_names
 
 
 @dataclass
@@ -25,16 +26,6 @@ class Draws:
     noise_sd: torch.Tensor  # (draw,)
     stress_mean: torch.Tensor  # (draw, specimen, step), noise-free
     failed_draws: int = 0
-
-
-def latent_names(h: Hierarchy) -> list[str]:
-    """The model's latent sample sites."""
-    names = []
-    for name in h.spec.shared:
-        names.append(f"{name}_z")
-    for name in h.spec.varying:
-        names += [f"{name}_pop_z", f"{name}_cv", f"{name}_z" if h.centered else f"{name}_offset"]
-    return names + ["noise_sd"]
 
 
 def sample_guide(h: Hierarchy, guide, n: int, seed: int) -> dict[str, torch.Tensor]:
@@ -52,7 +43,7 @@ def sample_guide(h: Hierarchy, guide, n: int, seed: int) -> dict[str, torch.Tens
 
 def unpack_draws(h: Hierarchy, packing, u: torch.Tensor) -> dict[str, torch.Tensor]:
     """Latent draws from rows of the packed unconstrained vector ``u`` (draw, dim) of a
-    :class:`~bayescal.inference.svi.Packing` (e.g. MCMC draws), shaped as
+    :class:`~bayescal.inference.packing.Packing` (e.g. MCMC draws), shaped as
     :func:`sample_guide`'s."""
     values, _ = packing.constrain(u)
     return {k: v.squeeze(-1) if k in _globals(h) else v for k, v in values.items()}
@@ -75,7 +66,7 @@ def posterior_draws(h: Hierarchy, latents: dict[str, torch.Tensor],
     params, stresses, failed = [], [], 0
     for start in range(0, solve_n, per_piece):
         piece = {k: v[start:min(start + per_piece, solve_n)] for k, v in latents.items()}
-        values, stress = h.predict(piece)
+        values, stress = h.responses(piece)
         params.append(values)
         stresses.append(stress)
         failed += int(torch.isnan(stress).flatten(1).any(-1).sum())

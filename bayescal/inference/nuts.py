@@ -1,7 +1,7 @@
 """NUTS through the chunked adjoint, started from the Laplace (or SVI) approximation.
 
 The sampler runs Pyro's NUTS on the model's packed unconstrained vector ``u``
-(:class:`~bayescal.inference.svi.Packing`), whitened by the approximation the fit starts
+(:class:`~bayescal.inference.packing.Packing`), whitened by the approximation the fit starts
 from: ``u = centre + L w`` with ``L L^T`` the Laplace covariance (``init="map"``) or the
 full-rank SVI guide's (``init="svi"``). That is a dense mass matrix fixed before warm-up;
 warm-up then adapts the step size and a diagonal (or, with ``dense``, a full) correction in
@@ -25,11 +25,15 @@ import torch
 from pyro.infer.mcmc import MCMC, NUTS
 from pyro.ops.integrator import register_exception_handler
 
+from bayescal.adapters import nuts_transition
 from bayescal.card import ModelSpec
 from bayescal.data import Experiments
-from bayescal.hierarchy import Hierarchy, SolverFailure
+from bayescal.errors import InvalidSetting
+from bayescal.hierarchy import Hierarchy, SolverFailure, Solving
 from bayescal.inference.accuracy import replan_at_map
-from bayescal.inference.svi import Packing, SVIConfig, initial_values, run_svi
+from bayescal.inference.laplace import MAPConfig
+from bayescal.inference.packing import Packing, initial_values, to_centered
+from bayescal.inference.svi import SVIConfig, run_svi
 from bayescal.integrate import SolverOptions
 
 INITS = ("map", "svi")
@@ -54,13 +58,19 @@ class NUTSConfig:
     def __post_init__(self) -> None:
         for name in ("chains", "samples", "max_tree_depth"):
             if getattr(self, name) < 1:
-                raise ValueError(f"NUTS {name} must be at least 1, got {getattr(self, name)}")
+                raise InvalidSetting(name, f"must be at least 1, got {getattr(self, name)}",
+                                     "NUTS")
         if self.warmup < 0:
-            raise ValueError(f"NUTS warmup must be 0 or more, got {self.warmup}")
+            raise InvalidSetting("warmup", f"must be 0 or more, got {self.warmup}", "NUTS")
         if not 0 < self.target_accept < 1:
-            raise ValueError(f"NUTS target acceptance must lie in (0, 1), got {self.target_accept}")
+            raise InvalidSetting("target_accept", "must lie between 0 and 1, got "
+                                 f"{self.target_accept}", "NUTS")
         if self.init not in INITS:
-            raise ValueError(f"unknown NUTS init {self.init!r}; choose one of {', '.join(INITS)}")
+            raise InvalidSetting("init", f"{self.init!r} is unknown; choose one of "
+                                 f"{', '.join(INITS)}", "NUTS")
+        if self.processes is not None and self.processes < 1:
+            raise InvalidSetting("processes", f"must be at least 1, got {self.processes}",
+                                 "NUTS")
 
 
 #: Per-draw statistics, in ArviZ's names. ``n_steps`` counts the draw's gradient
@@ -113,14 +123,14 @@ class _Potential:
     def __call__(self, params: dict[str, torch.Tensor]) -> torch.Tensor:
         self.evaluations += 1
         u = self.centre + self.root @ params["w"]
+        solving = Solving()
         try:
-            return -self.packing.log_joint(u[None])[0]
+            return -self.packing.log_joint(u[None], solving)[0]
         except SolverFailure:
             self.failures += 1
             raise
         finally:
-            report = self.packing.h.last_report
-            self.retries += report.retries if report is not None else 0
+            self.retries += solving.retries
 
 
 def _chain_seed(seed: int, chain: int) -> int:
@@ -143,11 +153,11 @@ def _start(potential: _Potential, dim: int, seed: int) -> torch.Tensor:
 
 def run_chain(job: _Chain, report=None) -> dict:
     """One chain; ``report(chain, stage)`` is called after each draw. Returns its draws of
-    ``u`` and per-draw statistics (sampling phase), and warm-up counts."""
-    torch.set_default_dtype(torch.float64)
-    torch.set_num_threads(job.threads)
+    ``u`` and per-draw statistics (sampling phase), and warm-up counts. Runs in the calling
+    process as it is set up (float64 is bayescal's precision: see :func:`_run_chain_reporting`
+    for a worker process)."""
     h = Hierarchy(job.spec, job.experiments, job.options, centered=job.centered,
-                  warm_start=False, substeps=job.substeps)
+                  substeps=job.substeps)
     packing = Packing(h, initial_values(h))
     potential = _Potential(packing, job.centre, job.root)
     seed = _chain_seed(job.seed, job.index)
@@ -171,11 +181,12 @@ def run_chain(job: _Chain, report=None) -> dict:
             warmup_failures += failures
         else:
             n = i + 1
-            diverged = len(kernel._divergences) > marks["divergences"]
-            marks["divergences"] = len(kernel._divergences)
+            transition = nuts_transition(kernel)
+            diverged = transition.divergences > marks["divergences"]
+            marks["divergences"] = transition.divergences
             # Pyro keeps only the running mean over sampling draws: this draw's value is
             # recovered from two successive means (clipped for rounding)
-            mean = kernel._mean_accept_prob
+            mean = transition.mean_accept_prob
             accept = marks["accept"] + n * (mean - marks["accept"])
             stats["acceptance_rate"].append(min(max(accept, 0.0), 1.0))
             marks["accept"] = mean
@@ -183,7 +194,7 @@ def run_chain(job: _Chain, report=None) -> dict:
             stats["n_steps"].append(steps)
             stats["tree_depth"].append(math.ceil(math.log2(steps + 1)) if steps else 0)
             stats["step_size"].append(kernel.step_size)
-            stats["lp"].append(-float(kernel._potential_energy_last))
+            stats["lp"].append(-transition.potential_energy)
             stats["solver_failures"].append(failures)
         if report is not None:
             report(job.index, stage)
@@ -197,7 +208,10 @@ def run_chain(job: _Chain, report=None) -> dict:
 
 
 def _run_chain_reporting(job: _Chain, queue) -> dict:
-    """:func:`run_chain` in a worker process, reporting progress through ``queue``."""
+    """:func:`run_chain` in a worker process of its own (float64, the parent's thread count),
+    reporting progress through ``queue``."""
+    torch.set_default_dtype(torch.float64)
+    torch.set_num_threads(job.threads)
     return run_chain(job, lambda chain, stage: queue.put((chain, stage)))
 
 
@@ -239,32 +253,19 @@ def _run_chains(jobs: list[_Chain], processes: int, progress: bool) -> list[dict
             bar.close()
 
 
-def to_centered(packing: Packing, u: torch.Tensor) -> torch.Tensor:
-    """Rows of ``u`` (B, dim) in the non-centered layout moved to the centered one: each
-    specimen offset replaced by the specimen's value in z (same positions in the vector)."""
-    h, where = packing.h, packing.slices()
-    out = u.clone()
-    for name in h.spec.varying:
-        pop, offset = u[:, where[f"{name}_pop_z"]], where[f"{name}_offset"]
-        tau = h.specimen_scale(name, pop, u[:, where[f"{name}_cv"]].exp())
-        out[:, offset] = pop + tau * u[:, offset]
-    return out
-
-
 def approximation(h: Hierarchy, config: NUTSConfig, svi: SVIConfig, seed: int,
-                  progress: bool) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]:
+                  progress: bool, map_config: MAPConfig = MAPConfig()) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]:
     """Centre and covariance (packed unconstrained coordinates of ``h``) that NUTS starts
     from: the Laplace approximation, or the full-rank SVI guide started from it, fitted in
     the non-centered parameterisation and carried over to the centered one if ``h`` is
     centered (covariance ``J C J^T``). Also returns the fit's iteration count and the
     integration steps per recorded interval, refined at the MAP where ``h``'s grid misses
     its tolerance there (:func:`~bayescal.inference.accuracy.replan_at_map`)."""
-    start = h if not h.centered else Hierarchy(h.spec, h.experiments, h.options,
-                                               substeps=h.substeps)
-    steps = svi.steps if config.init == "svi" else 0
-    result = run_svi(start, replace(svi, guide="mvn", steps=steps), seed=seed,
+    start = h if not h.centered else h.with_grid(h.substeps, centered=False)
+    result = run_svi(start, replace(svi, guide="mvn"), map_config, seed=seed,
                      progress=progress,
-                     replan=replan_at_map if h.options.automatic else None)
+                     replan=replan_at_map if h.options.automatic else None,
+                     svi_stage=config.init == "svi")
     start = result.hierarchy
     if config.init == "svi":
         posterior = result.guide.get_posterior()
@@ -281,10 +282,12 @@ def approximation(h: Hierarchy, config: NUTSConfig, svi: SVIConfig, seed: int,
 
 
 def run_nuts(h: Hierarchy, config: NUTSConfig = NUTSConfig(), svi: SVIConfig = SVIConfig(),
-             seed: int = 0, progress: bool = True) -> NUTSResult:
+             seed: int = 0, progress: bool = True,
+             map_config: MAPConfig = MAPConfig()) -> NUTSResult:
     """Sample the hierarchy's posterior with NUTS (see the module's docstring)."""
     start = time.perf_counter()
-    centre, covariance, init_steps, substeps = approximation(h, config, svi, seed, progress)
+    centre, covariance, init_steps, substeps = approximation(h, config, svi, seed, progress,
+                                                             map_config)
     root = torch.linalg.cholesky(0.5 * (covariance + covariance.T))
     init_time = time.perf_counter() - start
     jobs = [_Chain(h.spec, h.experiments, h.options, substeps, h.centered, centre, root, config,

@@ -1,0 +1,190 @@
+"""The MAP by damped Newton, and the Laplace approximation at it.
+
+The posterior of a hierarchical model with informative data is a long curved valley: L-BFGS
+and Adam crept along it for hundreds of evaluations, Newton crosses it in a few iterations.
+The Hessian comes from central differences of adjoint gradients, all points in one batched
+solve (:func:`gradient_and_hessian`), and the inverse of its floored negation at the mode is
+the Laplace covariance.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import pyro
+import torch
+
+from bayescal.hierarchy import Solving
+from bayescal.inference.checkpoints import FitState
+from bayescal.inference.packing import Packing
+
+
+@dataclass(frozen=True)
+class MAPConfig:
+    """Settings of the MAP stage: at most ``iterations`` Newton iterations, the Hessian from
+    central differences with ``hessian_step`` (unconstrained units)."""
+
+    iterations: int = 40
+    hessian_step: float = 1e-4
+
+    def __post_init__(self) -> None:
+        if self.iterations < 1:
+            raise ValueError(f"MAP iterations must be at least 1, got {self.iterations}")
+        if not 0 < self.hessian_step < 1:
+            raise ValueError(f"the Hessian's difference step must lie in (0, 1), "
+                             f"got {self.hessian_step}")
+
+
+def gradient_and_hessian(packing: Packing, u: torch.Tensor, step: float,
+                         solving: Solving | None = None):
+    """Log joint, its gradient and the negative Hessian at ``u``; the Hessian from central
+    differences of adjoint gradients, all points in one batched solve.
+
+    A specimen's values meet other specimens' only through the global sites, so the Hessian
+    is block-arrow shaped and its columns can share perturbations (Curtis-Powell-Reid
+    colouring): one direction per global coordinate and one per kind of specimen value
+    (all specimens' values of that kind moved together), ``2 (globals + kinds)`` points
+    instead of ``2 dim``, however many specimens there are. A global's column gives the
+    global rows by symmetry; a kind's direction gives each specimen's own block.
+    """
+    dim = u.numel()
+    local = packing.specimen_indices()  # (kinds, specimens)
+    is_global = torch.ones(dim, dtype=torch.bool)
+    is_global[local.flatten()] = False
+    globals_ = is_global.nonzero().flatten()
+    directions = torch.zeros(len(globals_) + local.shape[0], dim, dtype=u.dtype)
+    directions[torch.arange(len(globals_)), globals_] = 1.0
+    for k in range(local.shape[0]):
+        directions[len(globals_) + k, local[k]] = 1.0
+    m = directions.shape[0]
+    rows = torch.cat([u[None], u + step * directions, u - step * directions])
+    rows = rows.detach().requires_grad_(True)
+    values = packing.log_joint(rows, solving)
+    values.sum().backward()
+    grads = rows.grad
+    change = -(grads[1:m + 1] - grads[m + 1:]) / (2 * step)  # (direction, dim)
+    hessian = torch.zeros(dim, dim, dtype=u.dtype)
+    hessian[:, globals_] = change[:len(globals_)].T
+    hessian[globals_, :] = change[:len(globals_)]
+    for k in range(local.shape[0]):
+        own = local.T  # (specimen, kind): each specimen's own coordinates
+        hessian[own, local[k][:, None]] = change[len(globals_) + k][own]
+    return float(values[0].detach()), grads[0], 0.5 * (hessian + hessian.T)
+
+
+def floored_eigen(neg_hessian: torch.Tensor):
+    """Eigen-decomposition with eigenvalues replaced by their magnitude (away from a mode the
+    Hessian can be indefinite: a negative curvature still measures how fast the density
+    changes) and floored at 1, so that no direction gets a standard deviation above 1 in the
+    unconstrained coordinates, where the priors have scales of about 1."""
+    eigval, eigvec = torch.linalg.eigh(neg_hessian)
+    return eigval.abs().clamp_min(1.0), eigvec
+
+
+LINE_SEARCH = (1.0, 0.5, 0.25, 0.1, 0.03, 0.01)
+#: Newton stops once no specimen value, shared value or the noise (unconstrained) moves more.
+SETTLED = 2e-3
+MAX_STEP = 2.0
+
+
+def fit_map(packing: Packing, state: FitState, config: MAPConfig = MAPConfig(), progress=None,
+            checkpoint: Callable[[FitState], None] | None = None,
+            refine: Callable[[Packing, torch.Tensor], Packing | None] | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor, Packing]:
+    """MAP by damped Newton with the finite-difference Hessian, and the Laplace covariance.
+
+    Each iteration solves one batch for the gradient and Hessian and one batch for a line
+    search over several step lengths, no coordinate moving more than ``MAX_STEP``, each also
+    tried recentred (:meth:`Packing.recentre`); a point whose solve fails, or whose values
+    are not finite, counts as -inf. Stops when half the Newton decrement is below 1e-3 nats,
+    no step length improves, or what the likelihood sees has settled (no coordinate of
+    :meth:`Packing.likelihood_coordinates` moved by ``SETTLED``): in the non-centered
+    coordinates Newton then still creeps along the valley of the spreads for tens of
+    iterations (see benchmarks/README.md, MAP). Then (non-centered
+    model) the spreads move to their conditional modes (:meth:`Packing.spread_at_specimens`).
+    Returns that point (unconstrained) and the inverse floored negative Hessian there.
+
+    The iteration continues from ``state`` (``state.u_map`` is the current iterate while
+    ``state.stage`` is "map"), and ``checkpoint(state)`` is called after every step taken,
+    so that a long MAP stage killed part-way resumes where it was (the iteration is
+    deterministic: the resumed run takes the same steps).
+
+    ``refine(packing, u)`` is called once, near the mode (the first step that gains less
+    than :data:`REFINE_GAIN` nats, or at the end): it may return a packing of a hierarchy on
+    a finer integration grid, on which the iteration goes on from the same point (at the
+    end: for at most :data:`REFINE_ITERATIONS` more). Returns the point, the covariance and
+    the packing they belong to.
+    """
+    max_iterations, step = config.iterations, config.hessian_step
+    u = packing.u0.clone() if state.u_map is None else state.u_map.clone()
+    h = packing.h
+    budget = max_iterations - len(state.losses["map"])
+    while True:
+        u, paused = _newton(packing, state, u, budget, step, progress, checkpoint,
+                            None if refine is None else REFINE_GAIN)
+        if refine is None:
+            break
+        finer = refine(packing, u)
+        refine = None
+        if finer is not None:
+            packing, h = finer, finer.h
+        if paused:  # paused near the mode to refine: go on with the rest of the budget
+            budget = max_iterations - len(state.losses["map"])
+        elif finer is not None:
+            budget = REFINE_ITERATIONS
+        else:
+            break
+    if not h.centered and h.spec.varying:
+        u = packing.spread_at_specimens(u.detach()[None])[0]
+    value, grad, neg_hessian = gradient_and_hessian(packing, u, step)
+    eigval, eigvec = floored_eigen(neg_hessian)
+    return u.detach(), (eigvec / eigval) @ eigvec.T, packing
+
+
+#: ``fit_map`` offers the grid refinement once a Newton step gains less than this (nats).
+REFINE_GAIN = 1.0
+#: Newton iterations at most after a refinement offered once Newton had stopped: the grid
+#: changed the likelihood little, so the mode moved little; without a bound Newton creeps
+#: along the valley of the spreads (see :func:`fit_map`) for as long as the first stage did.
+REFINE_ITERATIONS = 8
+
+
+def _newton(packing: Packing, state: FitState, u: torch.Tensor, iterations: int, step: float,
+            progress, checkpoint, pause_gain: float | None) -> tuple[torch.Tensor, bool]:
+    """Damped Newton steps of :func:`fit_map` from ``u``; returns the point and whether it
+    paused after a step that gained less than ``pause_gain``."""
+    h = packing.h
+    for _ in range(iterations):
+        value, grad, neg_hessian = gradient_and_hessian(packing, u, step)
+        state.losses["map"].append(-value)
+        eigval, eigvec = floored_eigen(neg_hessian)
+        delta = eigvec @ ((eigvec.T @ grad) / eigval)
+        if progress is not None:
+            progress.update(1)
+            progress.set_postfix(stage="map", log_joint=f"{value:.6g}")
+        if 0.5 * float(grad @ delta) < 1e-3:
+            break
+        # trust region: at most MAX_STEP in any unconstrained coordinate
+        alphas = torch.tensor(LINE_SEARCH, dtype=u.dtype) * min(
+            1.0, MAX_STEP / float(delta.abs().max()))
+        candidates = u + alphas[:, None] * delta
+        if not h.centered and h.spec.varying:
+            candidates = torch.cat([candidates, packing.recentre(candidates)])
+        with torch.no_grad(), pyro.validation_enabled(False):
+            trial = packing.log_joint(candidates, Solving(strict=False))
+        trial = torch.nan_to_num(trial, nan=-torch.inf)
+        best = int(trial.argmax())
+        if not trial[best] > value:
+            break
+        moved = packing.likelihood_coordinates(torch.stack([u, candidates[best]]))
+        u = candidates[best].detach()
+        if float((moved[1] - moved[0]).abs().max()) < SETTLED:
+            break  # the rest is the spreads' valley, which the next step settles exactly
+        if checkpoint is not None:
+            state.u_map = u.clone()
+            checkpoint(state)
+        if pause_gain is not None and float(trial[best]) - value < pause_gain:
+            return u, True
+    return u, False
+

@@ -1,0 +1,149 @@
+"""Unit tests of the inference layer's derived formulas: each against what it must preserve
+or a direct computation, not end to end."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from bayescal.card import load_card
+from bayescal.hierarchy import Hierarchy
+from bayescal.inference.guides import make_guide
+from bayescal.inference.packing import Packing, initial_values, latent_names, to_centered
+from bayescal.inference.svi import plateaued
+from tests.test_fit import CARD, synthetic
+
+
+@pytest.fixture(scope="module")
+def problem():
+    experiments, _ = synthetic(4, seed=2, points_per_segment=4)
+    return experiments
+
+
+def packing_for(experiments, centered=False) -> Packing:
+    h = Hierarchy(load_card(CARD), experiments, centered=centered)
+    return Packing(h, initial_values(h))
+
+
+def random_points(packing: Packing, n: int, seed: int, scale: float = 0.5) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return packing.u0 + scale * torch.randn(n, packing.dim, generator=generator,
+                                            dtype=torch.float64)
+
+
+def test_packing_round_trips_its_starting_values(problem):
+    packing = packing_for(problem)
+    point = packing.point(packing.u0)
+    start = initial_values(packing.h)
+    assert set(point) == set(latent_names(packing.h))
+    for name, value in start.items():
+        torch.testing.assert_close(point[name], value.reshape(point[name].shape), rtol=1e-12,
+                                   atol=1e-12)
+    # the layout is the order in which the model samples: globals before the specimen plate
+    names = [site.name for site in packing.sites]
+    assert names.index("noise_sd") == len(names) - 1
+    assert max(names.index(f"{p}_cv") for p in packing.h.spec.varying) < \
+        min(names.index(f"{p}_offset") for p in packing.h.spec.varying)
+
+
+def test_recentre_keeps_what_the_likelihood_sees(problem):
+    packing = packing_for(problem)
+    u = random_points(packing, 5, seed=0)
+    moved = packing.recentre(u)
+    torch.testing.assert_close(packing.likelihood_coordinates(moved),
+                               packing.likelihood_coordinates(u), rtol=0, atol=1e-12)
+    where = packing.slices()
+    for name in packing.h.spec.varying:
+        z = packing.likelihood_coordinates(moved)  # population at the specimens' mean in z
+        pop = moved[:, where[f"{name}_pop_z"]].squeeze(-1)
+        offsets = moved[:, where[f"{name}_offset"]]
+        assert float(offsets.mean(-1).abs().max()) < 1e-12, name
+        assert torch.isfinite(pop).all() and torch.isfinite(z).all()
+    assert not torch.allclose(moved, u)
+
+
+def conditional_log_density(cv, s2, k, spread, m):
+    """log HalfNormal(cv; spread) - m log(k cv) - S2 / (2 (k cv)^2), up to a constant."""
+    tau = k * cv
+    return -0.5 * (cv / spread) ** 2 - m * math.log(tau) - s2 / (2 * tau**2)
+
+
+def test_spread_at_specimens_is_the_conditional_mode(problem):
+    """Each cv moves to the maximum of its conditional density (closed form checked against
+    a fine grid search), keeping every specimen's value."""
+    packing = packing_for(problem)
+    h, where = packing.h, packing.slices()
+    u = random_points(packing, 3, seed=1)
+    moved = packing.spread_at_specimens(u)
+    torch.testing.assert_close(packing.likelihood_coordinates(moved),
+                               packing.likelihood_coordinates(u), rtol=0, atol=1e-10)
+    m = h.experiments.n_specimens - 1
+    for name in h.spec.varying:
+        spread = h.spec.parameters[name].spread
+        for row in range(u.shape[0]):
+            pop = moved[row, where[f"{name}_pop_z"]]
+            k = float(h.specimen_scale(name, pop, torch.ones_like(pop)))
+            cv = float(moved[row, where[f"{name}_cv"]].exp())
+            z_dev = k * cv * moved[row, where[f"{name}_offset"]]
+            s2 = float((z_dev**2).sum())
+            grid = torch.linspace(1e-4, 5 * spread, 200001, dtype=torch.float64)
+            values = (-0.5 * (grid / spread) ** 2 - m * torch.log(k * grid)
+                      - s2 / (2 * (k * grid) ** 2))
+            best = float(grid[values.argmax()])
+            assert abs(cv - best) <= 2 * float(grid[1] - grid[0]), (name, cv, best)
+            assert conditional_log_density(cv, s2, k, spread, m) >= float(values.max()) - 1e-9
+
+
+def test_to_centered_changes_the_density_by_the_jacobian(problem):
+    """The centered density at ``to_centered(u)`` is the non-centered one at ``u`` less
+    ``sum log tau`` (the Jacobian of offsets -> values): the same posterior."""
+    non_centered = packing_for(problem)
+    centered = packing_for(problem, centered=True)
+    u = random_points(non_centered, 3, seed=2, scale=0.3)
+    v = to_centered(non_centered, u)
+    h, where = non_centered.h, non_centered.slices()
+    log_tau = torch.zeros(u.shape[0], dtype=torch.float64)
+    for name in h.spec.varying:
+        pop = u[:, where[f"{name}_pop_z"]]
+        tau = h.specimen_scale(name, pop, u[:, where[f"{name}_cv"]].exp())
+        log_tau = log_tau + h.experiments.n_specimens * tau.log().squeeze(-1)
+    with torch.no_grad():
+        torch.testing.assert_close(centered.log_joint(v), non_centered.log_joint(u) - log_tau,
+                                   rtol=1e-10, atol=1e-8)
+
+
+def test_plateaued_compares_the_last_two_windows_with_their_noise():
+    falling = [100.0 - i for i in range(40)]
+    flat = [float((-1) ** i) for i in range(40)]
+    assert not plateaued(falling[:19], window=10)  # fewer than two windows: never
+    assert not plateaued(falling, window=10)
+    assert plateaued(flat, window=10)
+    # a gain smaller than the noise of the means counts as a plateau
+    noisy = [5.0 * (-1) ** i - 0.01 * i for i in range(40)]
+    assert plateaued(noisy, window=10)
+
+
+@pytest.mark.parametrize("kind", ["mvn", "lowrank"])
+def test_whitened_guides_start_at_the_laplace_approximation(problem, kind):
+    packing = packing_for(problem)
+    generator = torch.Generator().manual_seed(3)
+    root = torch.randn(packing.dim, packing.dim, generator=generator, dtype=torch.float64)
+    covariance = 0.01 * root @ root.T + 0.05 * torch.eye(packing.dim, dtype=torch.float64)
+    u_map = random_points(packing, 1, seed=4)[0]
+    guide = make_guide(packing.h, kind, packing, u_map, covariance)
+    posterior = guide.get_posterior()
+    if kind == "mvn":  # exactly N(u_map, covariance)
+        torch.testing.assert_close(posterior.mean.detach(), u_map, rtol=0, atol=1e-12)
+        torch.testing.assert_close(posterior.covariance_matrix.detach(), covariance, rtol=1e-12,
+                                   atol=1e-14)
+        return
+    # lowrank starts with its factor at 1 % of a unit scale: about N(u_map, covariance), to
+    # the sampling error of 20000 draws
+    torch.manual_seed(0)
+    with torch.no_grad():
+        draws = posterior.sample((20000,))
+    assert float((draws.mean(0) - u_map).abs().max()) < 0.01
+    error = float((torch.cov(draws.T) - covariance).norm() / covariance.norm())
+    assert error < 0.05, error
