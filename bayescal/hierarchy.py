@@ -98,8 +98,8 @@ class Solving:
     ``strict``: a failed solve raises :class:`SolverFailure` (else its specimens' stress is
     NaN, which makes the density -inf or NaN). ``warm_start``: each solve starts Newton from
     the previous solve's trajectory when the batch has the same size (successive Newton
-    iterates of the MAP change the parameters only a little; SVI's particles change every
-    step, and there it measured slower). ``reports`` collects every solve's report.
+    iterates change the parameters only a little; SVI's particles change every step, where a
+    stale start costs more Newton iterations than it saves). ``reports`` collects every solve's report.
     """
 
     strict: bool = True
@@ -230,15 +230,16 @@ class Hierarchy:
         stress = self.model.stress(states[grid.recorded])  # (step, n_total)
         return stress.T.reshape(*batch, -1), report
 
-    def responses(self, latents: dict[str, torch.Tensor]):
+    def responses(self, latents: dict[str, torch.Tensor], solving: Solving | None = None):
         """Physical parameters and noise-free stress ``(draw, specimen, step)`` for a batch of
-        latent draws (leading dim = draw), in one batched solve (no autograd; a failed
-        specimen's stress is NaN)."""
+        latent draws (leading dim = draw), in one batched solve (no autograd; by default a
+        failed specimen's stress is NaN)."""
         d = next(iter(latents.values())).shape[0]
         shaped = {k: v.reshape(d, 1) if v.dim() == 1 else v for k, v in latents.items()}
         with torch.no_grad(), pyro.plate("draws", d, dim=-2), poutine.condition(data=shaped):
             values = self.sample_parameters(self.specimen_plate())
-            stress, _ = self.solve_stress(values, adjoint=False, solving=Solving(strict=False))
+            stress, _ = self.solve_stress(values, adjoint=False,
+                                          solving=solving or Solving(strict=False))
         values = {k: v.squeeze(-1) if v.shape[-1] == 1 else v for k, v in values.items()}
         return values, stress
 

@@ -38,9 +38,7 @@ def run(name: str, chains: int, warmup: int, samples: int, seed: int) -> dict:
     from bayescal.inference.nuts import NUTSConfig
     from bayescal.inference.svi import SVIConfig
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from test_fit import CARD, TRUE_MEANS, synthetic
-    from test_nuts import long_chunks
+    from bayescal.testing import CARD, TRUE_MEANS, long_chunks, synthetic
 
     experiments, truth = synthetic(5, seed=2, points_per_segment=16)
     setting = RUNS[name]

@@ -29,15 +29,11 @@ Three measurements:
    guide, which stops SVI after a single Adam step (learning rate 0.01) from the MAP point
    with the full Laplace covariance (diagonal of it for ``normal``, rank-r + diagonal for
    ``lowrank``), which is where SVI starts; the table shows what the SVI steps add.
-   Row ``cold-start``: the ``mvn`` fit again with the Newton warm start off
-   (``Hierarchy(warm_start=False)``), to measure what starting each solve from the
-   previous solve's trajectory saves in the MAP and SVI stages.
 2. **Posterior predictive, batched vs per draw.** Noise-free stress of the specimens for 100
    draws of the ``mvn`` guide: :func:`bayescal.inference.draws.posterior_draws` (one
-   batched solve of 100 x specimens) against a loop of 100 :meth:`Hierarchy.predict` calls
-   of one draw each (one solve per draw). Both on a fresh ``Hierarchy(warm_start=False)``,
-   so each solve starts Newton from the predictor; the loop is also timed with the warm
-   start on (each draw's solve starts from the previous draw's trajectory). The two results
+   batched solve of 100 x specimens) against a loop of 100 :meth:`Hierarchy.responses`
+   calls of one draw each (one solve per draw). Each solve starts Newton from the
+   predictor; the loop is also timed with the warm start on (``Solving(warm_start=True)``) (each draw's solve starts from the previous draw's trajectory). The two results
    are compared element-wise.
 3. **The seed path.** pyzag's own route: a deterministic ``torch.nn.Module`` whose
    ``nn.Parameter``s are sy, Rinf, d, eta (scaled to [0, 1] over the card's bounds with
@@ -70,7 +66,7 @@ Usage::
 Output: tables on stdout and ``benchmarks/results/svi.json`` (``--out``), a list of records,
 written again after every stage:
 
-* ``{"method": "svi" | "laplace" | "cold-start", "guide", "warm_start", "wall_s", "cpu_s", "map_s", "svi_s",
+* ``{"method": "svi" | "laplace", "guide", "wall_s", "cpu_s", "map_s", "svi_s",
   "map_iterations", "map_evaluations", "svi_steps", "s_per_step", "pop_mean_err_max",
   "pop_mean_err_vs_sample_max", "noise_err", "coverage90", "rel_width90", ...}``
   (``method`` is ``"svi"`` for the ``delta`` row too, the MAP-only fit);
@@ -97,8 +93,6 @@ from typing import Self
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 import pyro
 import torch
@@ -107,10 +101,11 @@ from pyro import poutine
 import bayescal.inference.svi as svi_module
 from bayescal.card import load_card
 from bayescal.fit import package_versions
-from bayescal.hierarchy import Hierarchy
+from bayescal.hierarchy import Hierarchy, Solving
+from bayescal.inference.laplace import MAPConfig
 from bayescal.inference.draws import posterior_draws, sample_guide
 from bayescal.inference.svi import GUIDES, SVIConfig, run_svi
-from tests.test_fit import CARD, NOISE, TRUE_MEANS, synthetic
+from bayescal.testing import CARD, NOISE, TRUE_MEANS, synthetic
 
 DEFAULT_OUT = HERE / "results" / "svi.json"
 
@@ -168,10 +163,10 @@ def map_recorder():
     calls = []
     original = svi_module.Packing.log_joint
 
-    def log_joint(self, u):
+    def log_joint(self, u, solving=None):
         calls.append((time.perf_counter(), u.shape[0], u.requires_grad, u.detach()[0].clone(),
                       self))
-        return original(self, u)
+        return original(self, u, solving)
 
     svi_module.Packing.log_joint = log_joint
     try:
@@ -212,7 +207,7 @@ def map_trajectory(h: Hierarchy, points, start: float, truth, record: dict,
 
 def specimen_values(h: Hierarchy, latents: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Physical specimen values ``(draw, specimen)`` of the varying parameters for latent
-    draws (the first half of :meth:`Hierarchy.predict`, without the solve)."""
+    draws (the first half of :meth:`Hierarchy.responses`, without the solve)."""
     d = latents["noise_sd"].shape[0]
     n = h.experiments.n_specimens
     shaped = {k: v.reshape(d, 1) if v.dim() == 1 else v for k, v in latents.items()}
@@ -281,17 +276,16 @@ def pct(x) -> str:
 # --------------------------------------------------------------------------- 1. guides
 
 
-def run_guide(spec, experiments, truth, config: SVIConfig, method: str, args,
-              warm_start: bool = True) -> dict:
-    h = Hierarchy(spec, experiments, warm_start=warm_start)
+def run_guide(spec, experiments, truth, config: SVIConfig, method: str, args) -> dict:
+    h = Hierarchy(spec, experiments)
+    map_config = MAPConfig(iterations=args.map_iterations)
     with map_recorder() as points, stage_timer() as stages, Clock() as clock:
         start = time.perf_counter()
-        result = run_svi(h, config, seed=args.fit_seed, progress=False)
+        result = run_svi(h, config, map_config, seed=args.fit_seed, progress=False)
     state = result.state
     record = {
         "method": method,
         "guide": config.guide,
-        "warm_start": warm_start,
         "wall_s": result.wall_time,
         "cpu_s": clock.cpu,
         **stages,
@@ -306,7 +300,7 @@ def run_guide(spec, experiments, truth, config: SVIConfig, method: str, args,
         "solver_retries": state.retries,
         "final_loss": (state.losses["guide"] or state.losses["map"] or [None])[-1],
         "map_losses": list(state.losses["map"]),
-        "map_budget_exhausted": len(state.losses["map"]) >= config.map_iterations,
+        "map_budget_exhausted": len(state.losses["map"]) >= map_config.iterations,
         "config": asdict(config),
     }
     record.update(accuracy(h, result.guide, truth, args.draws, args.fit_seed))
@@ -321,24 +315,24 @@ def run_guide(spec, experiments, truth, config: SVIConfig, method: str, args,
 def predictive_comparison(spec, experiments, guide_h, guide, args) -> dict:
     n = args.predictive_draws
     latents = sample_guide(guide_h, guide, n, args.fit_seed + 1)
-    h = Hierarchy(spec, experiments, warm_start=False)
+    h = Hierarchy(spec, experiments)
 
     def one(i: int) -> dict[str, torch.Tensor]:
         return {k: v[i:i + 1] for k, v in latents.items()}
 
-    h.predict(one(0))  # warm-up (first-call overheads)
+    h.responses(one(0))  # warm-up (first-call overheads)
     with Clock() as batched:
         post = posterior_draws(h, latents)
     stresses = []
     with Clock() as loop:
         for i in range(n):
-            stresses.append(h.predict(one(i))[1])
+            stresses.append(h.responses(one(i))[1])
     looped = torch.cat(stresses)
-    warm = Hierarchy(spec, experiments, warm_start=True)
-    warm.predict(one(0))
+    warm = Solving(strict=False, warm_start=True)
+    h.responses(one(0), warm)
     with Clock() as loop_warm:
         for i in range(n):
-            warm.predict(one(i))
+            h.responses(one(i), warm)
     diff = float((post.stress_mean - looped).abs().max())
     return {
         "method": "predictive",
@@ -593,8 +587,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seed-lrs", default="0.005,0.02", help="Adam rates of the seed path")
     parser.add_argument("--seed-cov", type=float, default=0.35, help="MapNormal cov")
     parser.add_argument("--skip", default="",
-                        help="comma-separated: laplace,cold-start,predictive,seed")
-    parser.add_argument("--map-iterations", type=int, default=SVIConfig.map_iterations,
+                        help="comma-separated: laplace,predictive,seed")
+    parser.add_argument("--map-iterations", type=int, default=MAPConfig.iterations,
                         help="Newton iterations of the MAP stage (SVIConfig default)")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
@@ -648,7 +642,7 @@ def main(argv=None) -> int:
         if have("svi", guide):
             continue
         print(f"  fitting guide {guide} ...", flush=True)
-        config = SVIConfig(guide=guide, map_iterations=args.map_iterations)
+        config = SVIConfig(guide=guide)
         record, h, result = run_guide(spec, experiments, truth, config, "svi", args)
         fits[guide] = (h, result)
         records.append(record)
@@ -662,34 +656,16 @@ def main(argv=None) -> int:
         if guide == "delta" or "laplace" in skip or have("laplace", guide):
             continue
         print(f"  laplace, guide {guide} ...", flush=True)
-        config = SVIConfig(guide=guide, steps=1, min_steps=1, laplace_scale=1.0,
-                           map_iterations=args.map_iterations)
+        config = SVIConfig(guide=guide, steps=1, min_steps=1, laplace_scale=1.0)
         record, _, _ = run_guide(spec, experiments, truth, config, "laplace", args)
         records.append(record)
         save()
         print(f"    {record['wall_s']:.1f} s, coverage {record['coverage90']:.3f}", flush=True)
-    # What the Newton warm start (each solve starts from the previous solve's trajectory)
-    # saves: the mvn fit again with it off.
-    if "cold-start" not in skip and "mvn" in guides and not have("cold-start", "mvn"):
-        print("  cold-start, guide mvn (warm start off) ...", flush=True)
-        record, _, _ = run_guide(spec, experiments, truth, SVIConfig(
-            guide="mvn", map_iterations=args.map_iterations), "cold-start", args,
-            warm_start=False)
-        records.append(record)
-        save()
-    guide_records = [r for r in records
-                     if r["method"] in ("svi", "laplace", "cold-start")]
+    guide_records = [r for r in records if r["method"] in ("svi", "laplace")]
     print("\n== 1. guides (errors in %, coverage of 90 % intervals of the specimen truths)\n")
     guide_table(guide_records)
     print("\nper parameter: coverage90 / mean relative width90\n")
     coverage_table(guide_records)
-    warm = next((r for r in records if r["method"] == "svi" and r["guide"] == "mvn"), None)
-    cold = next((r for r in records if r["method"] == "cold-start"), None)
-    if warm and cold:
-        print(f"\nNewton warm start (mvn): MAP stage {warm['map_s']:.1f} s with, "
-              f"{cold['map_s']:.1f} s without ({cold['map_s'] / warm['map_s']:.2f}x); "
-              f"SVI {warm['s_per_step']:.3f} s/step with, {cold['s_per_step']:.3f} without "
-              f"({cold['s_per_step'] / warm['s_per_step']:.2f}x)")
 
     if "predictive" not in skip and "mvn" in fits and not have("predictive", "mvn"):
         print("\n  posterior predictive, batched vs per draw (draws of mvn) ...", flush=True)

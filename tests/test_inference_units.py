@@ -13,7 +13,7 @@ from bayescal.hierarchy import Hierarchy
 from bayescal.inference.guides import make_guide
 from bayescal.inference.packing import Packing, initial_values, latent_names, to_centered
 from bayescal.inference.svi import plateaued
-from tests.test_fit import CARD, synthetic
+from bayescal.testing import CARD, synthetic
 
 
 @pytest.fixture(scope="module")

@@ -192,7 +192,7 @@ def test_temperature_is_required_by_a_model_that_uses_it(neml2):
 
 def test_compile_option_reaches_neml2_compile(neml2, monkeypatch):
     """``[model] compile`` and the library argument call neml2.compile on the wrapped system
-    (compiling itself takes minutes: benchmarks/neml2.py measures it)."""
+    (compiling itself takes minutes: benchmarks/neml2_backend.py measures it)."""
     compiled = []
     monkeypatch.setattr(neml2, "compile", lambda target: compiled.append(target) or target)
     spec = load_card(PV_CARD)

@@ -19,15 +19,9 @@ from bayescal.inference.nuts import NUTSConfig
 from bayescal.inference.laplace import MAPConfig
 from bayescal.inference.svi import SVIConfig
 from bayescal.summary import format_summary
-from test_fit import CARD, TRUE_MEANS, synthetic
+from bayescal.testing import CARD, TRUE_MEANS, long_chunks, synthetic
 
 POPULATION = [f"{name}_pop_mean" for name in TRUE_MEANS]
-
-
-def long_chunks(spec):
-    """One chunk for the whole path: with 5 specimens the prefix-scan solve makes long chunks
-    cheap (see ``SmallBlockScan``)."""
-    return dataclasses.replace(spec, solver=dataclasses.replace(spec.solver, n_chunk=400))
 
 
 @pytest.fixture(scope="module")

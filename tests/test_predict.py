@@ -18,7 +18,7 @@ from bayescal.fit import fit
 from bayescal.hierarchy import Bounded, Hierarchy, population_moments
 from bayescal.predict import check_posterior, predict
 from tests.test_cli import ROOT, one_line_error, run
-from tests.test_fit import CARD, NOISE, TRUE_CV, TRUE_MEANS, synthetic
+from bayescal.testing import CARD, NOISE, TRUE_CV, TRUE_MEANS, synthetic
 
 TWO_RATES = ROOT / "docs" / "examples" / "two-rates-load.csv"
 

@@ -148,13 +148,12 @@ class Packing:
         exp(-S2 / (2 tau^2))``, keeping every specimen's value (offsets rescaled).
 
         The joint mode in the non-centered coordinates lacks the ``tau^-n`` volume factor
-        and overstates the spread: ``cv^2 = spread * sqrt(sum (z_i - z_pop)^2) / k``, about
-        twice the specimens' own coefficient of variation with 8 specimens (measured), and
-        SVI started there does not leave it. Closed form: with ``tau = k cv`` and
-        ``S2 = sum (z_i - mean z)^2``, ``m = n - 1``,
-        ``cv^2 = spread^2 (sqrt(m^2 + 4 S2 / (k spread)^2) - m) / 2``. (Measured on three data
-        sets of 16 specimens, Laplace fits: 90 % population bands held 0.80 of new specimens'
-        points with ``n``, the conditional mode at the fitted location, and 0.81 with ``n - 1``.)
+        and overstates the spread: ``cv^2 = spread * sqrt(sum (z_i - z_pop)^2) / k``, well
+        above the specimens' own coefficient of variation, and SVI started there does not
+        leave it. Closed form: with ``tau = k cv`` and ``S2 = sum (z_i - mean z)^2``,
+        ``m = n - 1`` (the location integrated out takes one degree of freedom),
+        ``cv^2 = spread^2 (sqrt(m^2 + 4 S2 / (k spread)^2) - m) / 2``. The population bands
+        this gives are checked in ``tests/test_predict.py``.
         """
         h, where = self.h, self.slices()
         u = self.recentre(u)

@@ -29,9 +29,9 @@ bayescal's (card settings: step-extrapolating predictor, one-step first chunk, t
 
 Usage::
 
-    PYTHONPATH=. python benchmarks/neml2.py                  # everything (compiled cases: ~15 min each on 2 cores)
-    PYTHONPATH=. python benchmarks/neml2.py --no-compile     # eager cases and robustness (~3 min)
-    PYTHONPATH=. python benchmarks/neml2.py --case '{"model": "neml2-perzyna-voce", "compile": true}'
+    PYTHONPATH=. python benchmarks/neml2_backend.py                  # everything (compiled cases: ~15 min each on 2 cores)
+    PYTHONPATH=. python benchmarks/neml2_backend.py --no-compile     # eager cases and robustness (~3 min)
+    PYTHONPATH=. python benchmarks/neml2_backend.py --case '{"model": "neml2-perzyna-voce", "compile": true}'
 
 Results: a table on stdout and ``benchmarks/results/neml2.json`` (``--out``, rewritten after
 every case): ``{"cases": [...], "robustness": [...], "machine": {..., "load_average"}}``.
@@ -50,8 +50,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# this file's folder is first on sys.path, where this file would shadow the neml2 package
-sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 CARDS = {
     "builtin-perzyna-voce": ROOT / "models" / "perzyna-voce.toml",
     "neml2-perzyna-voce": ROOT / "models" / "neml2" / "perzyna-voce.toml",
