@@ -252,8 +252,14 @@ def _fit_options(parser: argparse.ArgumentParser) -> None:
                         help="posterior draws stored, for map, laplace and svi (nuts: --samples per "
                              "chain; default: 1000)")
     parser.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (default: 0)")
-    parser.add_argument("--centered", action="store_true",
-                        help="centered parameterisation of the specimen level")
+    centering = parser.add_mutually_exclusive_group()
+    centering.add_argument("--centered", dest="centered", action="store_const", const=True,
+                           default=None, help="sample every specimen value centered")
+    centering.add_argument("--non-centered", dest="centered", action="store_const",
+                           const=False, help="sample every specimen value through offsets "
+                                             "(default for map, laplace and svi; nuts "
+                                             "chooses per parameter from the data unless "
+                                             "one of these is given)")
     parser.add_argument("--resume", action="store_true",
                         help="continue from DIR/checkpoint.pt when it exists (it must come "
                              "from a run with the same card, data, method, guide and seed)")

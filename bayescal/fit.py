@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import time
 import warnings
+from typing import Iterable
 from dataclasses import replace
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -29,6 +30,7 @@ from bayescal.inference.draws import (posterior_draws, predictive_and_loglik, sa
 from bayescal.inference.nuts import NUTSConfig, run_nuts
 from bayescal.inference.laplace import MAPConfig
 from bayescal.inference.packing import Packing, initial_values
+from bayescal.inference.parameterisation import describe as describe_parameterisation
 from bayescal.inference.svi import SVIConfig, run_svi
 from bayescal.output import FolderLock
 
@@ -78,12 +80,20 @@ def data_digest(experiments: Experiments) -> str:
 
 
 def run_fingerprint(spec: ModelSpec, experiments: Experiments, method: str, guide: str,
-                    seed: int, centered: bool) -> dict[str, str]:
+                    seed: int, centered: bool | Iterable[str] | None) -> dict[str, str]:
     """What identifies a run for ``--resume``: a checkpoint continues only the run with the
     same card, data, method, guide, seed, parameterisation and package versions."""
     return {"card": card_digest(spec), "data": data_digest(experiments), "method": method,
-            "guide": guide, "seed": str(seed), "centered": str(bool(centered)),
+            "guide": guide, "seed": str(seed), "centered": _centering_key(centered),
             "versions": package_versions()}
+
+
+def _centering_key(centered: bool | Iterable[str] | None) -> str:
+    if centered is None:
+        return "automatic"
+    if isinstance(centered, bool):
+        return str(centered)
+    return ",".join(sorted(centered))
 
 
 #: Above this |strain| the data are probably in percent (strain is a fraction).
@@ -143,10 +153,16 @@ def check_draws(draws: int) -> None:
 
 def fit(spec: ModelSpec, experiments: Experiments, method: str = "svi",
         config: SVIConfig = SVIConfig(), draws: int = 1000, seed: int = 0,
-        centered: bool = False, checkpoint: Path | None = None, resume: bool = False,
+        centered: bool | Iterable[str] | None = None, checkpoint: Path | None = None,
+        resume: bool = False,
         progress: bool = True, command: str = "",
         nuts: NUTSConfig = NUTSConfig(), map_config: MAPConfig = MAPConfig()) -> az.InferenceData:
     """Calibrate ``spec`` against ``experiments`` and return the posterior as InferenceData.
+
+    ``centered`` names the varying parameters sampled centered (``True``: all, ``False``:
+    none); ``None`` (the default) lets NUTS choose per parameter from the data at the
+    Laplace point (:mod:`bayescal.inference.parameterisation`) and means non-centered for
+    the other methods.
 
     ``map_config`` sets the MAP/Laplace stage, ``config`` the SVI stage (for ``nuts``: the
     approximation it starts from), ``nuts`` the sampler; ``draws`` is the number of guide draws (``nuts``: its
@@ -163,11 +179,13 @@ def fit(spec: ModelSpec, experiments: Experiments, method: str = "svi",
                              "normal, lowrank or mvn")
     start = time.perf_counter()
     notes = _warn(data_warnings(experiments))
-    h = Hierarchy(spec, experiments, centered=centered)
+    h = Hierarchy(spec, experiments, centered=bool(centered) if centered is None else centered)
+    fingerprint = run_fingerprint(spec, experiments, method, config.guide, seed, centered)
     if method == "nuts":
-        sampled = run_nuts(h, nuts, config, seed=seed, progress=progress, map_config=map_config)
-        if not torch.equal(sampled.substeps, h.substeps):  # refined at the MAP
-            h = h.with_grid(sampled.substeps)
+        sampled = run_nuts(h, nuts, config, seed=seed, progress=progress, map_config=map_config,
+                           automatic=centered is None, resume=resume, fingerprint=fingerprint,
+                           checkpoint_folder=None if checkpoint is None else checkpoint.parent)
+        h = h.with_grid(sampled.substeps, centered=sampled.centered)
         chains = nuts.chains
         latents = unpack_draws(h, Packing(h, initial_values(h)), sampled.u.flatten(0, 1))
         run_attrs = {
@@ -186,10 +204,11 @@ def fit(spec: ModelSpec, experiments: Experiments, method: str = "svi",
             "init_steps": sampled.init_steps,
             "init_time_s": sampled.init_time,
             "fit_time_s": sampled.init_time + sampled.sampling_time,
+            "specimen_sd_ratios": ", ".join(f"{name} {ratio:.3g}"
+                                            for name, ratio in sampled.sd_ratios.items()),
         }
         sample_stats = dict(sampled.stats)
     else:
-        fingerprint = run_fingerprint(spec, experiments, method, config.guide, seed, centered)
         result = run_svi(h, config, map_config, seed=seed, checkpoint_path=checkpoint,
                          resume=resume, progress=progress, fingerprint=fingerprint,
                          replan=replan_at_map if h.options.automatic else None,
@@ -240,7 +259,9 @@ def fit(spec: ModelSpec, experiments: Experiments, method: str = "svi",
         **integration,
         "seed": seed,
         "draws": len(post.noise_sd),
-        "centered": centered,
+        "centered": ",".join(name for name in spec.varying if name in h.centered),
+        "parameterisation": ("automatic: " if centered is None and method == "nuts" else "")
+        + describe_parameterisation(spec.varying, h.centered),
         **run_attrs,
         "wall_time_s": time.perf_counter() - start,
         "failed_draws": post.failed_draws,

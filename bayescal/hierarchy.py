@@ -8,7 +8,8 @@ bounds, ``P = lo + (hi - lo) * sigmoid(z)``. For a parameter that varies by spec
 * coefficient of variation ``cv ~ HalfNormal(spread)``, giving a scale in z of
   ``tau = cv * P(z_pop) / P'(z_pop)``,
 * specimen values ``z_i = z_pop + tau * offset_i`` with ``offset_i ~ Normal(0, 1)``
-  (non-centered, the default) or ``z_i ~ Normal(z_pop, tau)`` (centered).
+  (non-centered, the default) or ``z_i ~ Normal(z_pop, tau)`` (centered), chosen per
+  parameter.
 
 A shared parameter has one ``z ~ Normal(z(centre), sd / P'(z(centre)))``. Measurement noise
 ``noise_sd ~ HalfNormal(prior_scale)``; stress ~ Normal(simulated stress, noise_sd) at the
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Iterable
 
 import numpy as np
 import pyro
@@ -54,6 +56,19 @@ class SolverFailure(RuntimeError):
         super().__init__(f"the solver failed for {report.n_failed} of "
                          f"{report.failed.numel()} simulated specimens")
         self.report = report
+
+
+def centered_names(spec: ModelSpec, centered: bool | Iterable[str]) -> frozenset[str]:
+    """The varying parameters to sample centered: all (``True``), none (``False``) or those
+    named, each of which must vary by specimen."""
+    if centered is True or centered is False:
+        return frozenset(spec.varying) if centered else frozenset()
+    names = frozenset(centered)
+    unknown = sorted(names - set(spec.varying))
+    if unknown:
+        raise ValueError(f"centered: {', '.join(unknown)} do(es) not vary by specimen "
+                         f"(varying: {', '.join(spec.varying) or 'none'})")
+    return names
 
 
 @dataclass(frozen=True)
@@ -121,19 +136,23 @@ class Hierarchy:
     solve and collects the reports. ``compile`` (default: the card's) compiles a NEML2 model
     (:func:`~bayescal.card.load_model`).
 
+    ``centered`` names the varying parameters whose specimen values are sampled centered
+    (``True``: all of them, ``False``: none); ``self.centered`` is that set.
+
     ``substeps`` (integration steps per recorded interval) fixes the grid; by default it is
     the options' fixed counts, or planned from their tolerance over the prior population
     (:func:`plan_integration`). Nothing about the instance changes after construction.
     """
 
     def __init__(self, spec: ModelSpec, experiments: Experiments,
-                 options: SolverOptions | None = None, centered: bool = False,
+                 options: SolverOptions | None = None,
+                 centered: bool | Iterable[str] = False,
                  compile: bool | None = None, substeps: torch.Tensor | None = None) -> None:
         self.spec = spec
         self.model: Integrable = load_model(spec, compile)
         self.experiments = experiments
         self.options = options or spec.solver
-        self.centered = centered
+        self.centered = centered_names(spec, centered)
         self.transforms = {name: Bounded(*spec.parameters[name].bounds) for name in spec.calibrated}
         if substeps is None and self.options.automatic:
             substeps = plan_integration(spec, self.model, experiments, self.options).substeps
@@ -143,7 +162,13 @@ class Hierarchy:
         self.grid = refine(experiments.time, experiments.strain, substeps,
                            experiments.temperature)
 
-    def with_grid(self, substeps: torch.Tensor, centered: bool | None = None) -> "Hierarchy":
+    @property
+    def non_centered(self) -> tuple[str, ...]:
+        """The varying parameters sampled non-centered (through offsets)."""
+        return tuple(name for name in self.spec.varying if name not in self.centered)
+
+    def with_grid(self, substeps: torch.Tensor,
+                  centered: bool | Iterable[str] | None = None) -> "Hierarchy":
         """The same model and data on another integration grid (and parameterisation)."""
         return Hierarchy(self.spec, self.experiments, self.options,
                          self.centered if centered is None else centered, substeps=substeps)
@@ -184,7 +209,7 @@ class Hierarchy:
             pops[name] = (z_pop, self.specimen_scale(name, z_pop, cv))
         with plate:
             for name, (z_pop, tau) in pops.items():
-                if self.centered:
+                if name in self.centered:
                     z = pyro.sample(f"{name}_z", dist.Normal(z_pop, tau))
                 else:
                     offset = pyro.sample(f"{name}_offset", dist.Normal(

@@ -81,7 +81,8 @@ def diagnostics(idata: az.InferenceData, table: pd.DataFrame) -> list[str]:
         if count:
             lines.append("warning: divergent transitions: the sampler could not follow the "
                          "posterior's curvature there, so the draws may be biased; raise "
-                         "--target-accept or try the other parameterisation (--centered).")
+                         "--target-accept or try the other parameterisation (--centered or "
+                         "--non-centered).")
     return lines
 
 
@@ -95,6 +96,11 @@ def format_summary(idata: az.InferenceData, population_only: bool = False) -> st
             + (f"after {attrs['warmup']} warm-up" if "warmup" in attrs
                else f"{attrs.get('steps', '?')} steps")
             + f", seed {attrs.get('seed', '?')}")
+    lines = [head]
+    if attrs.get("parameterisation"):
+        lines.append(f"specimen level: {attrs['parameterisation']}"
+                     + (f" (specimen sd / population scale: {attrs['specimen_sd_ratios']})"
+                        if attrs.get("specimen_sd_ratios") else ""))
     table = summary_table(idata, population_only)
     with pd.option_context("display.max_rows", None, "display.width", 120):
-        return "\n".join([head, table.to_string(), *diagnostics(idata, table)])
+        return "\n".join([*lines, table.to_string(), *diagnostics(idata, table)])

@@ -159,7 +159,8 @@ BAD_INPUT = [
      "--seed must be an integer from 0 to 4294967295, got -3"),
     ("predict-other-model", PREDICT + " --card {chaboche} --out {tmp}/p", 2,
      "--card {chaboche}: the card {chaboche} (chaboche) does not match the posterior: the "
-     "card's C, C_pop_mean, C_pop_sd, g, g_pop_mean, g_pop_sd not in the posterior"),
+     "card's C, C_pop_loc, C_pop_mean, C_pop_scale, C_pop_sd, g, g_pop_loc, g_pop_mean, "
+     "g_pop_scale, g_pop_sd not in the posterior"),
     ("predict-nan", "predict {nan_post} --load {load} --out {tmp}/p", 2,
      "{nan_post}: posterior variable sy has a value nan that is not a finite number inside the "
      "bounds [100, 600]"),

@@ -147,3 +147,41 @@ def test_whitened_guides_start_at_the_laplace_approximation(problem, kind):
     assert float((draws.mean(0) - u_map).abs().max()) < 0.01
     error = float((torch.cov(draws.T) - covariance).norm() / covariance.norm())
     assert error < 0.05, error
+
+
+@pytest.mark.parametrize("names", [("sy",), ("sy", "Rinf", "d", "eta")])
+def test_mixed_centering_changes_the_density_by_its_jacobian(problem, names):
+    """Some parameters centered, the others not: the density at ``to_centered(u, names)``
+    differs from the non-centered one by the Jacobian of those parameters' offsets only."""
+    non_centered = packing_for(problem)
+    mixed = packing_for(problem, centered=names)
+    assert [s.name for s in mixed.sites] == [
+        s.name.replace("_offset", "_z") if s.name.removesuffix("_offset") in names else s.name
+        for s in non_centered.sites]
+    u = random_points(non_centered, 2, seed=5, scale=0.3)
+    h, where = non_centered.h, non_centered.slices()
+    log_tau = sum(h.experiments.n_specimens * h.specimen_scale(
+        name, u[:, where[f"{name}_pop_z"]], u[:, where[f"{name}_cv"]].exp()).log().squeeze(-1)
+        for name in names)
+    with torch.no_grad():
+        torch.testing.assert_close(mixed.log_joint(to_centered(non_centered, u, names)),
+                                   non_centered.log_joint(u) - log_tau, rtol=1e-10, atol=1e-8)
+
+
+def test_specimen_sd_ratio_is_the_sd_of_a_specimen_value_over_tau(problem):
+    """With only the offsets uncertain (variance v each), a specimen's value has sd
+    ``tau sqrt(v)``: the ratio is ``sqrt(v)``, and the rule centers below 1/sqrt(2)."""
+    from bayescal.inference.parameterisation import (CENTERED_BELOW, choose_centered,
+                                                     specimen_sd_ratios)
+
+    packing = packing_for(problem)
+    u = random_points(packing, 1, seed=6)[0]
+    variances = {"sy": 0.04, "Rinf": 0.25, "d": 0.81, "eta": 1.0}
+    diagonal = torch.zeros(packing.dim, dtype=torch.float64)
+    for name, v in variances.items():
+        diagonal[packing.slices()[f"{name}_offset"]] = v
+    ratios = specimen_sd_ratios(packing, u, torch.diag(diagonal))
+    for name, v in variances.items():
+        assert math.isclose(ratios[name], math.sqrt(v), rel_tol=1e-10), (name, ratios[name])
+    assert choose_centered(ratios) == {"sy", "Rinf"}
+    assert math.isclose(CENTERED_BELOW, 2 ** -0.5)

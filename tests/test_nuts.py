@@ -4,6 +4,7 @@ rejections, the export contract, and the summary's diagnostics."""
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import arviz as az
 import numpy as np
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 from bayescal.card import load_card
+from bayescal.errors import BadInput
 from bayescal.export import build_inference_data
 from bayescal.fit import fit
 from bayescal.hierarchy import Hierarchy, SolverFailure
@@ -113,12 +115,11 @@ def test_a_failed_solve_is_a_rejection_not_a_crash(five_specimens, monkeypatch):
                 raise SolverFailure(report)
         return stress, report
 
-    centre, covariance, _, substeps = nuts.approximation(
-        h, NUTSConfig(), SVIConfig(), seed=0, progress=False,
-        map_config=MAPConfig(iterations=10))
+    approx = nuts.approximation(h, NUTSConfig(), SVIConfig(), seed=0, progress=False,
+                                map_config=MAPConfig(iterations=10))
     monkeypatch.setattr(Hierarchy, "solve_stress", flaky)
-    job = nuts._Chain(spec, few, h.options, substeps, True, centre,
-                      torch.linalg.cholesky(covariance),
+    job = nuts._Chain(spec, few, h.options, approx.substeps, approx.centered, approx.centre,
+                      torch.linalg.cholesky(approx.covariance),
                       NUTSConfig(chains=1, warmup=10, samples=15), seed=0, index=0, threads=1)
     result = nuts.run_chain(job)
     failures = np.asarray(result["stats"]["solver_failures"])
@@ -160,3 +161,60 @@ def test_summary_of_a_clean_run_has_no_warnings():
     text = format_summary(_fake_run(rhat_shift=0.0, diverging=0, n=1000))
     assert "warning" not in text
     assert "0 of 2000 transitions diverged (0.0 %), 0 solver failures rejected" in text
+
+
+def test_a_stalling_warm_up_is_reported_once_in_plain_words():
+    watch = nuts.StallWatch(NUTSConfig(max_tree_depth=8), "sy non-centered, d centered")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for i in range(nuts.STALL_WINDOW):
+            watch(0, "Warmup [1]", saturated=i % 4 != 0)  # 15 of 20 at the maximum depth
+            watch(1, "Warmup [2]", saturated=False)
+        for i in range(nuts.STALL_WINDOW):
+            watch(1, "Warmup [2]", saturated=True)  # past its window: not judged again
+    assert [str(w.message) for w in caught] == [
+        "NUTS warm-up is stalling: 15 of the first 20 warm-up draws of chain 0 ran to the "
+        "maximum tree depth (8, 255 gradient evaluations each). The posterior is badly curved "
+        "in the parameterisation sampled (sy non-centered, d centered); at this pace the run "
+        "takes hours. Try the other parameterisation (--centered or --non-centered), --init "
+        "svi, or look at a --method laplace fit first."]
+    quiet = nuts.StallWatch(NUTSConfig(max_tree_depth=8), "")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for i in range(nuts.STALL_WINDOW):
+            quiet(0, "Warmup", saturated=i % 2 == 0 and i < 18)  # 9 of 20: below half
+            quiet(0, "Sample", saturated=True)
+    assert not caught
+
+
+@pytest.mark.slow
+def test_a_killed_run_resumes_and_ends_with_the_same_draws(tmp_path, monkeypatch):
+    """Killed after its second sampling checkpoint, the run resumes from the chains' files:
+    the same number of draws, and (sampling with the adapted settings from the saved random
+    state) the same draws as a run never killed."""
+    experiments, _ = synthetic(2, seed=1, points_per_segment=4)
+    h = Hierarchy(long_chunks(load_card(CARD)), experiments, centered=True)
+    config = NUTSConfig(chains=2, warmup=10, samples=12, processes=1, checkpoint_every=4)
+    settings = dict(seed=0, progress=False, map_config=MAPConfig(iterations=10),
+                    fingerprint={"run": "test"})
+    whole = nuts.run_nuts(h, config, SVIConfig(), **settings)
+    original, writes = nuts.write_plain, []
+
+    def dying(path, *args):
+        original(path, *args)
+        writes.append(path.name)
+        if writes.count("nuts-chain1.pt") == 2:  # chain 1: after warm-up and after 4 draws
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(nuts, "write_plain", dying)
+    with pytest.raises(KeyboardInterrupt):
+        nuts.run_nuts(h, config, SVIConfig(), checkpoint_folder=tmp_path, **settings)
+    monkeypatch.setattr(nuts, "write_plain", original)
+    assert writes[0] == "nuts-start.pt" and "nuts-chain0.pt" in writes
+    resumed = nuts.run_nuts(h, config, SVIConfig(), checkpoint_folder=tmp_path, resume=True,
+                            **settings)
+    assert resumed.u.shape == whole.u.shape == (2, 12, whole.u.shape[-1])
+    torch.testing.assert_close(resumed.u, whole.u, rtol=1e-9, atol=1e-9)
+    with pytest.raises(BadInput, match="belongs to another run"):
+        nuts.run_nuts(h, config, SVIConfig(), checkpoint_folder=tmp_path, resume=True,
+                      **{**settings, "fingerprint": {"run": "another"}})

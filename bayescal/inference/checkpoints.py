@@ -82,21 +82,44 @@ def set_rng_state(state: dict) -> None:
                                        cached)})
 
 
-def _read_checkpoint(path: Path) -> dict:
-    """The checkpoint's contents, loaded safely and checked for layout."""
+def _load(path: Path, expected: dict[str, type | tuple[type, ...]]) -> dict:
+    """A checkpoint file's contents, loaded safely (plain data only) and checked to have the
+    ``expected`` top-level keys and types and this bayescal's format."""
     try:
         saved = torch.load(path, weights_only=True, map_location="cpu")
     except Exception as exc:  # unpickling raises many types for a truncated or foreign file
         raise corrupt_checkpoint(path, f"{type(exc).__name__}: {str(exc)[:200]}") from None
-    expected = {"format": int, "fingerprint": dict, "state": dict, "guide": (dict, type(None)),
-                "optim": (dict, type(None)), "rng": dict}
     if not isinstance(saved, dict) or set(saved) != set(expected):
         raise corrupt_checkpoint(path, "unexpected contents")
     for key, kind in expected.items():
         if not isinstance(saved[key], kind):
             raise corrupt_checkpoint(path, f"{key} has the wrong type")
     if saved["format"] != CHECKPOINT_FORMAT:
-        raise corrupt_checkpoint(path, f"format {saved['format']}, this bayescal reads {CHECKPOINT_FORMAT}")
+        raise corrupt_checkpoint(path, f"format {saved['format']}, this bayescal reads "
+                                       f"{CHECKPOINT_FORMAT}")
+    return saved
+
+
+def check_fingerprint(path: Path, theirs: dict, fingerprint: dict[str, str]) -> None:
+    """A :class:`BadInput` naming what differs unless the checkpoint at ``path`` (stamped
+    ``theirs``) belongs to the run identified by ``fingerprint``."""
+    differs = [key for key in sorted(set(fingerprint) | set(theirs))
+               if str(theirs.get(key)) != str(fingerprint.get(key))]
+    if differs:
+        def shown(key):
+            name = FINGERPRINT_NAMES.get(key, key)
+            if key in ("card", "data"):
+                return f"{name} differs"
+            return f"{name} {theirs.get(key, '?')} there, {fingerprint.get(key, '?')} now"
+
+        raise BadInput(f"--resume: {path} belongs to another run ({'; '.join(map(shown, differs))}"
+                       "): rerun with that run's inputs, or without --resume to start afresh")
+
+
+def _read_checkpoint(path: Path) -> dict:
+    """The checkpoint's contents, loaded safely and checked for layout."""
+    saved = _load(path, {"format": int, "fingerprint": dict, "state": dict,
+                         "guide": (dict, type(None)), "optim": (dict, type(None)), "rng": dict})
     state = saved["state"]
     fields = {"stage": str, "step": int, "losses_map": list, "losses_guide": list,
               "skipped": int, "retries": int, "u_map": (torch.Tensor, type(None)),
@@ -121,18 +144,7 @@ def load_checkpoint(path: Path, fingerprint: dict[str, str], dim: int) -> dict:
     """A checkpoint to resume from: readable, of this run (same fingerprint) and of its
     model's dimension; each problem a :class:`BadInput` naming the file."""
     saved = _read_checkpoint(path)
-    theirs = saved["fingerprint"]
-    differs = [key for key in sorted(set(fingerprint) | set(theirs))
-               if str(theirs.get(key)) != str(fingerprint.get(key))]
-    if differs:
-        def shown(key):
-            name = FINGERPRINT_NAMES.get(key, key)
-            if key in ("card", "data"):
-                return f"{name} differs"
-            return f"{name} {theirs.get(key, '?')} there, {fingerprint.get(key, '?')} now"
-
-        raise BadInput(f"--resume: {path} belongs to another run ({'; '.join(map(shown, differs))}"
-                       "): rerun with that run's inputs, or without --resume to start afresh")
+    check_fingerprint(path, saved["fingerprint"], fingerprint)
     state = saved["state"]
     for name, shape in (("u_map", (dim,)), ("covariance", (dim, dim))):
         value = state[name]
@@ -158,3 +170,47 @@ class Checkpointer:
                    "optim": None if optim is None else optim.get_state(),
                    "rng": rng_state()}
         write_atomically(self.path, lambda f: torch.save(payload, f))
+
+# ------------------------------------------------------------------------------ NUTS
+#
+# A NUTS run keeps one file for where its chains start (the approximation, written once) and
+# one per chain, written at the end of warm-up and every few sampling draws: the chain's
+# position, its adapted step size and mass matrix, its draws and statistics so far and its
+# random state. Sampling after warm-up is a Markov chain with fixed settings, so a chain
+# resumed from its file goes on as it would have.
+
+
+def nuts_start_path(folder: Path) -> Path:
+    return Path(folder) / "nuts-start.pt"
+
+
+def nuts_chain_path(folder: Path, chain: int) -> Path:
+    return Path(folder) / f"nuts-chain{chain}.pt"
+
+
+def write_plain(path: Path, fingerprint: dict[str, str], state: dict) -> None:
+    """Write ``state`` (plain data) stamped with ``fingerprint``, atomically."""
+    payload = {"format": CHECKPOINT_FORMAT, "fingerprint": {str(k): str(v)
+                                                            for k, v in fingerprint.items()},
+               "state": state}
+    write_atomically(path, lambda f: torch.save(payload, f))
+
+
+def read_plain(path: Path, fingerprint: dict[str, str], fields: dict[str, type | tuple]) -> dict:
+    """The state of a file written by :func:`write_plain`, of this run (same fingerprint) and
+    with ``fields`` of the given types; each problem a :class:`BadInput` naming the file."""
+    saved = _load(path, {"format": int, "fingerprint": dict, "state": dict})
+    check_fingerprint(path, saved["fingerprint"], fingerprint)
+    state = saved["state"]
+    if set(state) != set(fields) or not all(isinstance(state[k], t) for k, t in fields.items()):
+        raise corrupt_checkpoint(path, "state has the wrong layout")
+    return state
+
+
+#: What a NUTS start file holds.
+NUTS_START_FIELDS = {"centre": torch.Tensor, "root": torch.Tensor, "substeps": torch.Tensor,
+                     "centered": list, "steps": int, "sd_ratios": dict, "init_time": float}
+#: What a NUTS chain file holds.
+NUTS_CHAIN_FIELDS = {"w": torch.Tensor, "step_size": float, "inverse_mass": torch.Tensor,
+                     "draws": torch.Tensor, "stats": dict, "warmup_failures": int,
+                     "retries": int, "rng": dict}

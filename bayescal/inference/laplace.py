@@ -135,7 +135,7 @@ def fit_map(packing: Packing, state: FitState, config: MAPConfig = MAPConfig(), 
             budget = REFINE_ITERATIONS
         else:
             break
-    if not h.centered and h.spec.varying:
+    if h.non_centered:
         u = packing.spread_at_specimens(u.detach()[None])[0]
     value, grad, neg_hessian = gradient_and_hessian(packing, u, step)
     eigval, eigvec = floored_eigen(neg_hessian)
@@ -169,7 +169,7 @@ def _newton(packing: Packing, state: FitState, u: torch.Tensor, iterations: int,
         alphas = torch.tensor(LINE_SEARCH, dtype=u.dtype) * min(
             1.0, MAX_STEP / float(delta.abs().max()))
         candidates = u + alphas[:, None] * delta
-        if not h.centered and h.spec.varying:
+        if h.non_centered:
             candidates = torch.cat([candidates, packing.recentre(candidates)])
         with torch.no_grad(), pyro.validation_enabled(False):
             trial = packing.log_joint(candidates, Solving(strict=False))

@@ -17,7 +17,9 @@ from __future__ import annotations
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 import pyro
@@ -28,11 +30,17 @@ from pyro.ops.integrator import register_exception_handler
 from bayescal.adapters import nuts_transition
 from bayescal.card import ModelSpec
 from bayescal.data import Experiments
-from bayescal.errors import InvalidSetting
+from bayescal.errors import BayescalWarning, InvalidSetting
 from bayescal.hierarchy import Hierarchy, SolverFailure, Solving
 from bayescal.inference.accuracy import replan_at_map
+from bayescal.inference.checkpoints import (NUTS_CHAIN_FIELDS, NUTS_START_FIELDS,
+                                            corrupt_checkpoint, nuts_chain_path,
+                                            nuts_start_path, read_plain, rng_state,
+                                            set_rng_state, write_plain)
 from bayescal.inference.laplace import MAPConfig
 from bayescal.inference.packing import Packing, initial_values, to_centered
+from bayescal.inference.parameterisation import choose_centered, specimen_sd_ratios
+from bayescal.inference.parameterisation import describe as describe_parameterisation
 from bayescal.inference.svi import SVIConfig, run_svi
 from bayescal.integrate import SolverOptions
 
@@ -54,9 +62,10 @@ class NUTSConfig:
     init: str = "map"
     dense: bool = False
     processes: int | None = None
+    checkpoint_every: int = 25  # sampling draws between a chain's checkpoints
 
     def __post_init__(self) -> None:
-        for name in ("chains", "samples", "max_tree_depth"):
+        for name in ("chains", "samples", "max_tree_depth", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise InvalidSetting(name, f"must be at least 1, got {getattr(self, name)}",
                                      "NUTS")
@@ -92,6 +101,8 @@ class NUTSResult:
     sampling_time: float
     init_steps: int
     substeps: torch.Tensor  # the integration grid the chains ran on (per recorded interval)
+    centered: frozenset[str]  # the parameters sampled centered
+    sd_ratios: dict[str, float]  # specimen sd / population scale at the Laplace point
 
 
 @dataclass(frozen=True)
@@ -102,13 +113,16 @@ class _Chain:
     experiments: Experiments
     options: SolverOptions
     substeps: torch.Tensor
-    centered: bool
+    centered: frozenset[str]
     centre: torch.Tensor
     root: torch.Tensor
     config: NUTSConfig
     seed: int
     index: int
     threads: int
+    checkpoint: Path | None = None  # where the chain's state is written
+    fingerprint: dict | None = None  # what the state is stamped with (the run's)
+    resume: dict | None = None  # a state to go on from (NUTS_CHAIN_FIELDS)
 
 
 class _Potential:
@@ -151,34 +165,83 @@ def _start(potential: _Potential, dim: int, seed: int) -> torch.Tensor:
     return torch.zeros(dim, dtype=torch.float64)
 
 
+class _ResumedNUTS(NUTS):
+    """Pyro's NUTS with a step size and mass matrix fixed at a checkpoint's (no adaptation):
+    a chain's sampling phase, resumed."""
+
+    def __init__(self, potential_fn, step_size: float, inverse_mass: torch.Tensor,
+                 **kwargs) -> None:
+        super().__init__(potential_fn=potential_fn, step_size=step_size, adapt_step_size=False,
+                         adapt_mass_matrix=False, **kwargs)
+        self.resumed_inverse_mass = inverse_mass
+
+    def setup(self, warmup_steps, *args, **kwargs):
+        super().setup(warmup_steps, *args, **kwargs)
+        self.mass_matrix_adapter.inverse_mass_matrix = {("w",): self.resumed_inverse_mass}
+
+
+def _saturated(steps: int, max_tree_depth: int) -> bool:
+    """Whether a transition of ``steps`` gradient evaluations ran to the maximum tree depth."""
+    return steps >= 2 ** max_tree_depth - 1
+
+
 def run_chain(job: _Chain, report=None) -> dict:
-    """One chain; ``report(chain, stage)`` is called after each draw. Returns its draws of
-    ``u`` and per-draw statistics (sampling phase), and warm-up counts. Runs in the calling
-    process as it is set up (float64 is bayescal's precision: see :func:`_run_chain_reporting`
-    for a worker process)."""
+    """One chain; ``report(chain, stage, saturated)`` is called after each draw (saturated:
+    the draw ran to the maximum tree depth). Returns its draws of ``u`` and per-draw
+    statistics (sampling phase), and warm-up counts. With ``job.checkpoint`` the chain's
+    state is written there at the end of warm-up and every ``config.checkpoint_every`` draws;
+    with ``job.resume`` (such a state) it goes on from there without warm-up. Runs in the
+    calling process as it is set up (float64 is bayescal's precision: see
+    :func:`_run_chain_reporting` for a worker process)."""
     h = Hierarchy(job.spec, job.experiments, job.options, centered=job.centered,
                   substeps=job.substeps)
     packing = Packing(h, initial_values(h))
     potential = _Potential(packing, job.centre, job.root)
-    seed = _chain_seed(job.seed, job.index)
-    pyro.set_rng_seed(seed)
-    w0 = _start(potential, packing.dim, seed)
     config = job.config
-    kernel = NUTS(potential_fn=potential, step_size=0.5, adapt_step_size=True,
-                  adapt_mass_matrix=True, full_mass=config.dense,
-                  target_accept_prob=config.target_accept, max_tree_depth=config.max_tree_depth)
-    stats = {name: [] for name in STAT_NAMES}
+    options = dict(full_mass=config.dense, target_accept_prob=config.target_accept,
+                   max_tree_depth=config.max_tree_depth)
+    resumed = job.resume
+    if resumed is None:
+        seed = _chain_seed(job.seed, job.index)
+        pyro.set_rng_seed(seed)
+        w0 = _start(potential, packing.dim, seed)
+        kernel = NUTS(potential_fn=potential, step_size=0.5, adapt_step_size=True,
+                      adapt_mass_matrix=True, **options)
+        draws, stats, warmup = [], {name: [] for name in STAT_NAMES}, config.warmup
+        counts = {"warmup_failures": 0, "retries": 0}
+    else:
+        set_rng_state(resumed["rng"])
+        w0 = resumed["w"]
+        kernel = _ResumedNUTS(potential, resumed["step_size"], resumed["inverse_mass"],
+                              **options)
+        draws = list(resumed["draws"])
+        stats = {name: list(resumed["stats"][name]) for name in STAT_NAMES}
+        warmup = 0
+        counts = {"warmup_failures": resumed["warmup_failures"], "retries": resumed["retries"]}
     marks = {"evaluations": potential.evaluations, "failures": potential.failures,
              "divergences": 0, "accept": 0.0}
-    warmup_failures = 0
+
+    def save(kernel, w: torch.Tensor) -> None:
+        if job.checkpoint is None:
+            return
+        inverse_mass = next(iter(kernel.inverse_mass_matrix.values()))
+        write_plain(job.checkpoint, job.fingerprint, {
+            "w": w.detach().clone(), "step_size": float(kernel.step_size),
+            "inverse_mass": inverse_mass.detach().clone(),
+            "draws": torch.stack(draws) if draws else torch.zeros(0, packing.dim,
+                                                                  dtype=torch.float64),
+            "stats": {name: list(values) for name, values in stats.items()},
+            "warmup_failures": counts["warmup_failures"],
+            "retries": counts["retries"] + potential.retries, "rng": rng_state()})
 
     def hook(kernel, params, stage, i):
-        nonlocal warmup_failures
         steps = potential.evaluations - marks["evaluations"]
         failures = potential.failures - marks["failures"]
         marks["evaluations"], marks["failures"] = potential.evaluations, potential.failures
         if stage.startswith("Warmup"):
-            warmup_failures += failures
+            counts["warmup_failures"] += failures
+            if i == warmup - 1:
+                save(kernel, params["w"])
         else:
             n = i + 1
             transition = nuts_transition(kernel)
@@ -196,15 +259,21 @@ def run_chain(job: _Chain, report=None) -> dict:
             stats["step_size"].append(kernel.step_size)
             stats["lp"].append(-transition.potential_energy)
             stats["solver_failures"].append(failures)
+            draws.append(params["w"].detach().clone())
+            if len(draws) % config.checkpoint_every == 0:
+                save(kernel, params["w"])
         if report is not None:
-            report(job.index, stage)
+            report(job.index, stage, _saturated(steps, config.max_tree_depth))
 
-    mcmc = MCMC(kernel, num_samples=config.samples, warmup_steps=config.warmup,
-                initial_params={"w": w0}, hook_fn=hook, disable_progbar=True)
-    mcmc.run()
-    w = mcmc.get_samples()["w"].reshape(config.samples, -1)
+    remaining = config.samples - len(draws)
+    if remaining > 0:
+        mcmc = MCMC(kernel, num_samples=remaining, warmup_steps=warmup,
+                    initial_params={"w": w0}, hook_fn=hook, disable_progbar=True)
+        mcmc.run()
+    w = torch.stack(draws)
     return {"u": (job.centre + w @ job.root.T).detach(), "stats": stats,
-            "warmup_failures": warmup_failures, "retries": potential.retries}
+            "warmup_failures": counts["warmup_failures"],
+            "retries": counts["retries"] + potential.retries}
 
 
 def _run_chain_reporting(job: _Chain, queue) -> dict:
@@ -212,21 +281,62 @@ def _run_chain_reporting(job: _Chain, queue) -> dict:
     reporting progress through ``queue``."""
     torch.set_default_dtype(torch.float64)
     torch.set_num_threads(job.threads)
-    return run_chain(job, lambda chain, stage: queue.put((chain, stage)))
+    return run_chain(job, lambda *message: queue.put(message))
 
 
-def _run_chains(jobs: list[_Chain], processes: int, progress: bool) -> list[dict]:
+#: Warm-up draws over which a stall is judged, and the share of them at the maximum tree
+#: depth that makes one: such a chain takes the most gradient evaluations per draw there are,
+#: and at the solver's cost per evaluation a run of hundreds of draws takes hours.
+STALL_WINDOW = 20
+STALL_SHARE = 0.5
+
+
+class StallWatch:
+    """Says in plain words, once, when warm-up stalls: when :data:`STALL_SHARE` of a chain's
+    first :data:`STALL_WINDOW` warm-up draws run to the maximum tree depth."""
+
+    def __init__(self, config: NUTSConfig, parameterisation: str) -> None:
+        self.config, self.parameterisation = config, parameterisation
+        self.seen: dict[int, list[bool]] = {}
+        self.warned = False
+
+    def __call__(self, chain: int, stage: str, saturated: bool) -> None:
+        if self.warned or not stage.startswith("Warmup"):
+            return
+        seen = self.seen.setdefault(chain, [])
+        if len(seen) >= STALL_WINDOW:
+            return
+        seen.append(saturated)
+        if len(seen) == STALL_WINDOW and sum(seen) >= STALL_SHARE * STALL_WINDOW:
+            self.warned = True
+            depth = self.config.max_tree_depth
+            warnings.warn(
+                f"NUTS warm-up is stalling: {sum(seen)} of the first {STALL_WINDOW} warm-up "
+                f"draws of chain {chain} ran to the maximum tree depth ({depth}, "
+                f"{2 ** depth - 1} gradient evaluations each). The posterior is badly curved "
+                f"in the parameterisation sampled ({self.parameterisation}); at this pace the "
+                "run takes hours. Try the other parameterisation (--centered or "
+                "--non-centered), --init svi, or look at a --method laplace fit first.",
+                BayescalWarning, stacklevel=2)
+
+
+def _run_chains(jobs: list[_Chain], processes: int, progress: bool,
+                watch: StallWatch | None = None) -> list[dict]:
     """Run the chains, ``processes`` at a time (spawned processes when more than one), with
-    a progress bar per chain."""
+    a progress bar per chain; ``watch`` hears of every draw."""
     from tqdm.auto import tqdm
 
     total = jobs[0].config.warmup + jobs[0].config.samples
     bars = [tqdm(total=total, desc=f"chain {job.index}", position=job.index, unit="draw",
-                 disable=not progress, leave=True) for job in jobs]
+                 disable=not progress, leave=True,
+                 initial=0 if job.resume is None else
+                 job.config.warmup + len(job.resume["draws"])) for job in jobs]
 
-    def advance(chain, stage):
+    def advance(chain, stage, saturated=False):
         bars[chain].update(1)
         bars[chain].set_postfix(stage=stage.split()[0].lower())
+        if watch is not None:
+            watch(chain, stage, saturated)
 
     try:
         if processes == 1:
@@ -253,47 +363,112 @@ def _run_chains(jobs: list[_Chain], processes: int, progress: bool) -> list[dict
             bar.close()
 
 
+@dataclass(frozen=True)
+class Approximation:
+    """Where NUTS starts: ``centre`` and ``covariance`` in the packed coordinates of the
+    chosen parameterisation (``centered``: the parameters sampled centered), the integration
+    grid (per recorded interval) refined at the MAP, the fit's iteration count, and each
+    varying parameter's ratio of a specimen's posterior sd to the population scale
+    (:func:`~bayescal.inference.parameterisation.specimen_sd_ratios`)."""
+
+    centre: torch.Tensor
+    covariance: torch.Tensor
+    centered: frozenset[str]
+    substeps: torch.Tensor
+    steps: int
+    sd_ratios: dict[str, float]
+
+
 def approximation(h: Hierarchy, config: NUTSConfig, svi: SVIConfig, seed: int,
-                  progress: bool, map_config: MAPConfig = MAPConfig()) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]:
-    """Centre and covariance (packed unconstrained coordinates of ``h``) that NUTS starts
-    from: the Laplace approximation, or the full-rank SVI guide started from it, fitted in
-    the non-centered parameterisation and carried over to the centered one if ``h`` is
-    centered (covariance ``J C J^T``). Also returns the fit's iteration count and the
-    integration steps per recorded interval, refined at the MAP where ``h``'s grid misses
-    its tolerance there (:func:`~bayescal.inference.accuracy.replan_at_map`)."""
-    start = h if not h.centered else h.with_grid(h.substeps, centered=False)
+                  progress: bool, map_config: MAPConfig = MAPConfig(),
+                  automatic: bool = False) -> Approximation:
+    """The Laplace approximation, or the full-rank SVI guide started from it, fitted in the
+    non-centered parameterisation, then carried over (covariance ``J C J^T``) to the one
+    sampled: ``h``'s, or with ``automatic`` the one the data call for, per parameter
+    (:func:`~bayescal.inference.parameterisation.choose_centered`, at the Laplace point).
+    The grid is refined at the MAP where ``h``'s misses its tolerance there
+    (:func:`~bayescal.inference.accuracy.replan_at_map`)."""
+    start = h.with_grid(h.substeps, centered=False) if h.centered else h
     result = run_svi(start, replace(svi, guide="mvn"), map_config, seed=seed,
                      progress=progress,
                      replan=replan_at_map if h.options.automatic else None,
                      svi_stage=config.init == "svi")
     start = result.hierarchy
+    packing = Packing(start, initial_values(start))
+    ratios = specimen_sd_ratios(packing, result.state.u_map, result.state.covariance)
+    centered = choose_centered(ratios) if automatic else h.centered
     if config.init == "svi":
         posterior = result.guide.get_posterior()
         centre, covariance = posterior.loc.detach(), posterior.covariance_matrix.detach()
     else:
         centre, covariance = result.state.u_map, result.state.covariance
-    if h.centered:
-        packing = Packing(start, initial_values(start))
+    if centered:
         jacobian = torch.autograd.functional.jacobian(
-            lambda v: to_centered(packing, v[None])[0], centre)
-        centre = to_centered(packing, centre[None])[0]
+            lambda v: to_centered(packing, v[None], centered)[0], centre)
+        centre = to_centered(packing, centre[None], centered)[0]
         covariance = jacobian @ covariance @ jacobian.T
-    return centre, covariance, result.state.total, start.substeps
+    return Approximation(centre, covariance, frozenset(centered), start.substeps,
+                         result.state.total, ratios)
 
 
 def run_nuts(h: Hierarchy, config: NUTSConfig = NUTSConfig(), svi: SVIConfig = SVIConfig(),
              seed: int = 0, progress: bool = True,
-             map_config: MAPConfig = MAPConfig()) -> NUTSResult:
-    """Sample the hierarchy's posterior with NUTS (see the module's docstring)."""
+             map_config: MAPConfig = MAPConfig(), automatic: bool = False,
+             checkpoint_folder: Path | None = None, resume: bool = False,
+             fingerprint: dict[str, str] | None = None) -> NUTSResult:
+    """Sample the hierarchy's posterior with NUTS (see the module's docstring); with
+    ``automatic`` each varying parameter is sampled centered or not as the data call for
+    (:func:`approximation`).
+
+    With ``checkpoint_folder`` the starting approximation and each chain's state are kept
+    there (:mod:`bayescal.inference.checkpoints`), stamped with ``fingerprint``; with
+    ``resume`` the run takes its start from there and every chain with a state goes on from
+    it (a chain killed during warm-up starts again). Without ``resume``, earlier files there
+    are replaced, with a :class:`~bayescal.errors.BayescalWarning`.
+    """
+    fingerprint = dict(fingerprint or {})
     start = time.perf_counter()
-    centre, covariance, init_steps, substeps = approximation(h, config, svi, seed, progress,
-                                                             map_config)
-    root = torch.linalg.cholesky(0.5 * (covariance + covariance.T))
-    init_time = time.perf_counter() - start
-    jobs = [_Chain(h.spec, h.experiments, h.options, substeps, h.centered, centre, root, config,
-                   seed, chain, torch.get_num_threads()) for chain in range(config.chains)]
+    start_file = None if checkpoint_folder is None else nuts_start_path(checkpoint_folder)
+    chain_files = [None if checkpoint_folder is None else nuts_chain_path(checkpoint_folder, k)
+                   for k in range(config.chains)]
+    if start_file is not None and not resume:
+        earlier = [p for p in (start_file, *chain_files) if p.exists()]
+        if earlier:
+            warnings.warn(f"{checkpoint_folder} holds the checkpoints of an earlier NUTS run; "
+                          "this run replaces them (to continue that run instead, rerun it "
+                          "with --resume)", BayescalWarning, stacklevel=2)
+            for path in earlier:
+                path.unlink()
+    if resume and start_file is not None and start_file.exists():
+        saved = read_plain(start_file, fingerprint, NUTS_START_FIELDS)
+        approx = Approximation(saved["centre"], saved["root"] @ saved["root"].T,
+                               frozenset(saved["centered"]), saved["substeps"], saved["steps"],
+                               saved["sd_ratios"])
+        root, init_time = saved["root"], saved["init_time"]
+    else:
+        approx = approximation(h, config, svi, seed, progress, map_config, automatic)
+        root = torch.linalg.cholesky(0.5 * (approx.covariance + approx.covariance.T))
+        init_time = time.perf_counter() - start
+        if start_file is not None:
+            write_plain(start_file, fingerprint, {
+                "centre": approx.centre, "root": root, "substeps": approx.substeps,
+                "centered": sorted(approx.centered), "steps": approx.steps,
+                "sd_ratios": dict(approx.sd_ratios), "init_time": float(init_time)})
+    jobs = []
+    for chain, path in enumerate(chain_files):
+        state = None
+        if resume and path is not None and path.exists():
+            state = read_plain(path, fingerprint, NUTS_CHAIN_FIELDS)
+            if state["draws"].shape[1:] != approx.centre.shape or \
+                    state["draws"].shape[0] > config.samples:
+                raise corrupt_checkpoint(path, "its draws do not fit this run")
+        jobs.append(_Chain(h.spec, h.experiments, h.options, approx.substeps, approx.centered,
+                           approx.centre, root, config, seed, chain, torch.get_num_threads(),
+                           checkpoint=path, fingerprint=fingerprint, resume=state))
     processes = config.processes or min(config.chains, os.cpu_count() or 1)
-    chains = _run_chains(jobs, processes, progress)
+    watch = StallWatch(config, describe_parameterisation(h.spec.varying, approx.centered))
+    sampling_start = time.perf_counter()
+    chains = _run_chains(jobs, processes, progress, watch)
     stats = {name: np.asarray([c["stats"][name] for c in chains]) for name in STAT_NAMES}
     return NUTSResult(
         u=torch.stack([c["u"] for c in chains]),
@@ -301,7 +476,9 @@ def run_nuts(h: Hierarchy, config: NUTSConfig = NUTSConfig(), svi: SVIConfig = S
         warmup_solver_failures=sum(c["warmup_failures"] for c in chains),
         solver_retries=sum(c["retries"] for c in chains),
         init_time=init_time,
-        sampling_time=time.perf_counter() - start - init_time,
-        init_steps=init_steps,
-        substeps=substeps,
+        sampling_time=time.perf_counter() - sampling_start,
+        init_steps=approx.steps,
+        substeps=approx.substeps,
+        centered=approx.centered,
+        sd_ratios=approx.sd_ratios,
     )

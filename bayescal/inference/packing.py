@@ -12,6 +12,7 @@ them, each flattened after its ``biject_to`` transform), but it is built from a 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterable
 
 import pyro
 import torch
@@ -25,14 +26,14 @@ def latent_names(h: Hierarchy) -> list[str]:
     """The model's latent sample sites."""
     names = [f"{name}_z" for name in h.spec.shared]
     for name in h.spec.varying:
-        names += [f"{name}_pop_z", f"{name}_cv", f"{name}_z" if h.centered else f"{name}_offset"]
+        names += [f"{name}_pop_z", f"{name}_cv", specimen_site(h, name)]
     return names + ["noise_sd"]
 
 
 def specimen_site(h: Hierarchy, name: str) -> str:
     """The site holding a varying parameter's specimen values: its values in z (centered)
     or its offsets (non-centered)."""
-    return f"{name}_z" if h.centered else f"{name}_offset"
+    return f"{name}_z" if name in h.centered else f"{name}_offset"
 
 
 def initial_values(h: Hierarchy) -> dict[str, torch.Tensor]:
@@ -49,7 +50,7 @@ def initial_values(h: Hierarchy) -> dict[str, torch.Tensor]:
         values[f"{name}_pop_z"] = z
         values[f"{name}_cv"] = torch.tensor(p.spread / 2, dtype=torch.float64)
         shape = (h.experiments.n_specimens,)
-        if h.centered:
+        if name in h.centered:
             values[f"{name}_z"] = z.expand(shape).clone()
         else:
             values[f"{name}_offset"] = torch.zeros(shape, dtype=torch.float64)
@@ -117,7 +118,7 @@ class Packing:
         h, where = self.h, self.slices()
         parts = [u[:, where[f"{name}_z"]] for name in h.spec.shared]
         for name in h.spec.varying:
-            if h.centered:
+            if name in h.centered:
                 parts.append(u[:, where[f"{name}_z"]])
                 continue
             pop = u[:, where[f"{name}_pop_z"]]
@@ -126,13 +127,13 @@ class Packing:
         return torch.cat(parts + [u[:, where["noise_sd"]]], -1)
 
     def recentre(self, u: torch.Tensor) -> torch.Tensor:
-        """Move each varying parameter's population location to the mean of its specimens
-        (in z), keeping every specimen's value, and so the likelihood, unchanged: an exact
+        """Move each non-centered parameter's population location to the mean of its
+        specimens (in z), keeping every specimen's value, and so the likelihood, unchanged: an exact
         move along the valley of the non-centered parameterisation, where gradient steps
         creep. Rows of ``u`` (B, dim) are moved independently."""
         h, where = self.h, self.slices()
         u = u.clone()
-        for name in h.spec.varying:
+        for name in h.non_centered:
             pop, offset = where[f"{name}_pop_z"], where[f"{name}_offset"]
             cv = u[:, where[f"{name}_cv"]].exp()
             z = u[:, pop] + h.specimen_scale(name, u[:, pop], cv) * u[:, offset]
@@ -158,7 +159,7 @@ class Packing:
         h, where = self.h, self.slices()
         u = self.recentre(u)
         m = h.experiments.n_specimens - 1
-        for name in h.spec.varying:
+        for name in h.non_centered:
             pop, offset, cv_at = where[f"{name}_pop_z"], where[f"{name}_offset"], where[f"{name}_cv"]
             spread = h.spec.parameters[name].spread
             k = h.specimen_scale(name, u[:, pop], torch.ones_like(u[:, pop]))
@@ -208,12 +209,14 @@ class Packing:
         return {site.name: values[site.name].reshape(site.shape).detach() for site in self.sites}
 
 
-def to_centered(packing: Packing, u: torch.Tensor) -> torch.Tensor:
-    """Rows of ``u`` (B, dim) in the non-centered layout moved to the centered one: each
-    specimen offset replaced by the specimen's value in z (same positions in the vector)."""
+def to_centered(packing: Packing, u: torch.Tensor,
+                names: Iterable[str] | None = None) -> torch.Tensor:
+    """Rows of ``u`` (B, dim) of a packing in the non-centered layout moved to the layout
+    where ``names`` (default: every varying parameter) are centered: each of their specimen
+    offsets replaced by the specimen's value in z (same positions in the vector)."""
     h, where = packing.h, packing.slices()
     out = u.clone()
-    for name in h.spec.varying:
+    for name in (h.spec.varying if names is None else names):
         pop, offset = u[:, where[f"{name}_pop_z"]], where[f"{name}_offset"]
         tau = h.specimen_scale(name, pop, u[:, where[f"{name}_cv"]].exp())
         out[:, offset] = pop + tau * u[:, offset]
