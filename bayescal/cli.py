@@ -17,7 +17,6 @@ Commands whose options need the library (``fit``, ``import``) declare them lazil
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import os
 import shlex
@@ -87,15 +86,6 @@ def _command(subparsers, name: str, help: str, description: str | None = None,
 def _check_seed(seed: int) -> None:
     if not 0 <= seed <= SEED_MAX:
         raise BadInput(f"--seed must be an integer from 0 to {SEED_MAX}, got {seed}")
-
-
-@contextlib.contextmanager
-def _flags():
-    """A library's :class:`~bayescal.errors.InvalidSetting` as the CLI flag that set it."""
-    try:
-        yield
-    except InvalidSetting as exc:
-        raise BadInput(f"--{exc.parameter.replace('_', '-')} {exc.problem}") from None
 
 
 def _device_option(parser: argparse.ArgumentParser) -> None:
@@ -316,13 +306,11 @@ def _run_fit(args: argparse.Namespace) -> int:
         spec = dataclasses.replace(spec, compile=True)
     experiments = read_experiments(args.data)
     guide = "delta" if args.method == "map" else (args.guide or SVIConfig().guide)
-    with _flags():
-        config = SVIConfig(guide=guide, steps=args.steps, lr=args.lr, particles=args.particles)
-        sampler = NUTSConfig(chains=args.chains, warmup=args.warmup, samples=args.samples,
-                             max_tree_depth=args.max_tree_depth,
-                             target_accept=args.target_accept, init=args.init,
-                             dense=args.dense_mass)
-        check_draws(args.draws)
+    config = SVIConfig(guide=guide, steps=args.steps, lr=args.lr, particles=args.particles)
+    sampler = NUTSConfig(chains=args.chains, warmup=args.warmup, samples=args.samples,
+                         max_tree_depth=args.max_tree_depth, target_accept=args.target_accept,
+                         init=args.init, dense=args.dense_mass)
+    check_draws(args.draws)
     idata = fit_to_directory(spec, experiments, out, figures=not args.no_figures, method=args.method,
                              config=config, draws=args.draws, seed=args.seed,
                              centered=args.centered, resume=args.resume, command=args.command_line,
@@ -617,6 +605,9 @@ def _main(argv: Sequence[str] | None) -> int:
         # figures are written to files: no display needed (a library caller keeps theirs)
         os.environ.setdefault("MPLBACKEND", "Agg")
         return args.run(args)
+    except InvalidSetting as exc:  # named by the library's parameter: here, by its flag
+        _error(exc.naming(f"--{exc.parameter.replace('_', '-')}"))
+        return 2
     except BadInput as exc:
         _error(str(exc))
         return 2

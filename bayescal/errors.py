@@ -17,4 +17,8 @@ class InvalidSetting(BadInput):
 
     def __init__(self, parameter: str, problem: str, owner: str = "") -> None:
         self.parameter, self.problem = parameter, problem
-        super().__init__(f"{owner + ' ' if owner else ''}{parameter} {problem}")
+        super().__init__(f"{owner + ' ' if owner else ''}{self.naming(parameter)}")
+
+    def naming(self, name: str) -> str:
+        """The message with the setting called ``name`` (e.g. its CLI flag)."""
+        return f"{name}{'' if self.problem.startswith(':') else ' '}{self.problem}"

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from bayescal.card import ModelSpec
-from bayescal.errors import BadInput
+from bayescal.errors import BadInput, InvalidSetting
 from bayescal.hierarchy import Bounded
 from bayescal.output import prepare_output_file, write_atomically
 
@@ -207,10 +207,11 @@ def _varying_numeric_labels(experiments) -> list[str]:
 
 
 def _check_label(experiments, label: str, option: str) -> tuple:
-    """The values of ``label``, or a BadInput naming the option and the labels there are."""
+    """The values of ``label``, or an InvalidSetting naming the setting ``option`` and the
+    labels there are."""
     if label not in experiments.labels:
         names = ", ".join(experiments.labels) or "none"
-        raise BadInput(f"{option} {label}: {experiments.source} has no label {label!r} "
+        raise InvalidSetting(option, f"{label}: {experiments.source} has no label {label!r} "
                        f"(labels: {names})")
     return experiments.labels[label]
 
@@ -263,7 +264,7 @@ def plot_data(experiments, path: str | Path | None = None, by: str | None = None
     atomically to ``path`` if given, in the format of its suffix.
     """
     if x not in AXES:
-        raise BadInput(f"--x {x}: must be one of {', '.join(AXES)}")
+        raise InvalidSetting("x", f"{x}: must be one of {', '.join(AXES)}")
     if experiments.stress is None:
         raise BadInput(f"{experiments.source}: has no stress column (a load path, not data)")
     if path is not None:  # fail before the work
@@ -272,17 +273,17 @@ def plot_data(experiments, path: str | Path | None = None, by: str | None = None
         _figure_format(path)
     groups: list = [None]
     if by is not None:
-        values = _check_label(experiments, by, "--by")
+        values = _check_label(experiments, by, "by")
         distinct = sorted(set(values))
         if not 2 <= len(distinct) <= MAX_GROUPS:
-            raise BadInput(f"--by {by}: {experiments.source} has {len(distinct)} distinct "
+            raise InvalidSetting("by", f"{by}: {experiments.source} has {len(distinct)} distinct "
                            f"value(s) of {by!r}; one panel per value needs 2 to {MAX_GROUPS}")
         groups = distinct
     if colour is not None:
-        values = _check_label(experiments, colour, "--colour")
+        values = _check_label(experiments, colour, "colour")
         if not _numeric(values):
             shown = ", ".join(sorted(set(map(str, values)))[:5])
-            raise BadInput(f"--colour {colour}: label {colour!r} of {experiments.source} is "
+            raise InvalidSetting("colour", f"{colour}: label {colour!r} of {experiments.source} is "
                            f"not numeric (values: {shown}); colours need a numeric label")
     else:
         colour = next((name for name in _varying_numeric_labels(experiments) if name != by),
@@ -364,7 +365,7 @@ def _figure_format(path: Path) -> str:
     fmt = path.suffix.lstrip(".").lower()
     if fmt not in formats:
         what = f"unknown figure format {path.suffix!r}" if path.suffix else "no file suffix"
-        raise BadInput(f"--out {path}: {what} (use .png, .pdf or .svg)")
+        raise InvalidSetting("out", f"{path}: {what} (use .png, .pdf or .svg)")
     return fmt
 
 

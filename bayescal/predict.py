@@ -31,7 +31,7 @@ from bayescal.arviz_import import az
 
 from bayescal.card import ModelSpec, load_card, load_model, parse_card
 from bayescal.data import Experiments, write_table
-from bayescal.errors import BadInput
+from bayescal.errors import BadInput, InvalidSetting
 from bayescal.export import POPULATION_SUFFIXES, population_names
 from bayescal.hierarchy import Bounded
 from bayescal.integrate import SolverOptions, fixed_substeps, plan_substeps, simulate
@@ -215,9 +215,9 @@ def fitted_specimens(spec: ModelSpec, idata: az.InferenceData, index: torch.Tens
     fitted = [str(s) for s in idata.posterior["specimen"].values]
     missing = [p for p in paths if p not in fitted]
     if missing:
-        raise BadInput(f"--fitted: load path(s) {', '.join(missing)} name no fitted specimen "
-                       f"(fitted: {', '.join(fitted)}); key the paths by fitted specimen ids "
-                       f"or give one path without a specimen column")
+        raise InvalidSetting("fitted", f": load path(s) {', '.join(missing)} name no fitted "
+                             f"specimen (fitted: {', '.join(fitted)}); key the paths by fitted "
+                             "specimen ids or give one path without a specimen column")
     columns = torch.tensor([fitted.index(p) for p in paths])
     values = {}
     for name, p in spec.parameters.items():
@@ -281,7 +281,7 @@ def predict(idata: az.InferenceData, load: Experiments, draws: int = 500, fitted
             max_batch: int = 8192, progress: bool = False) -> Prediction:
     """Push ``draws`` posterior draws of ``idata`` through the paths of ``load``."""
     if draws < 1:
-        raise BadInput(f"--draws must be at least 1, got {draws}")
+        raise InvalidSetting("draws", f"must be at least 1, got {draws}")
     spec = spec or card_of(idata)
     generator = torch.Generator().manual_seed(seed)
     available = idata.posterior.sizes["chain"] * idata.posterior.sizes["draw"]
