@@ -97,7 +97,8 @@ def format_summary(idata: az.InferenceData, population_only: bool = False) -> st
                else f"{attrs.get('steps', '?')} steps")
             + f", seed {attrs.get('seed', '?')}")
     lines = [head]
-    if attrs.get("parameterisation"):
+    if attrs.get("parameterisation") and (attrs.get("method") == "nuts"
+                                          or attrs.get("centered")):
         lines.append(f"specimen level: {attrs['parameterisation']}"
                      + (f" (specimen sd / population scale: {attrs['specimen_sd_ratios']})"
                         if attrs.get("specimen_sd_ratios") else ""))
