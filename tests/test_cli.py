@@ -445,7 +445,9 @@ def test_nuts_from_the_command_line_with_diagnostics(capsys, tmp_path, tiny_data
     assert status == 0
     lines = stdout.splitlines()
     assert lines[0].startswith("method nuts, model perzyna-voce, 2 chain(s) x 10 draws")
-    assert lines[1].split()[-3:] == ["ess_bulk", "ess_tail", "r_hat"]
+    assert lines[1].startswith("specimen level: sy centered, Rinf centered, d centered, "
+                               "eta centered (specimen sd / population scale: sy ")
+    assert lines[2].split()[-3:] == ["ess_bulk", "ess_tail", "r_hat"]
     assert any(line.startswith("warning: bulk ESS below 200 (100 per chain)") for line in lines)
     assert re.search(r"^\d+ of 20 transitions diverged \(\d+\.\d %\), \d+ solver failures "
                      r"rejected$", stdout, re.M)
