@@ -217,9 +217,10 @@ class _ChunkNewton(chunktime.ChunkNewtonRaphson):
     A predictor that overshoots into the exponential range of a stiff flow rule (voce-jc)
     leaves Newton creeping back at a fixed ratio per iteration (about 0.37 from residuals
     of 1e20 and more); 40 such iterations then failed, and halves converged. A specimen is
-    given up when, after at least three iterations, its worst step's residual shrinks by a
-    ratio above 0.1 (Newton's linear phase, not its quadratic one) too slow to reach
-    ``atol`` in the iterations left. pyzag stops iterating a specimen whose residual norm
+    given up when, after at least three iterations, its worst step's residual (relative to
+    what pyzag accepts: ``atol``, or ``rtol`` times the step's first residual) shrinks by a
+    ratio above 0.1 (Newton's linear phase, not its quadratic one) too slow to converge in
+    the iterations left. pyzag stops iterating a specimen whose residual norm
     is NaN and records it as failed: a given-up specimen's norm is set to NaN. A chunk of
     one step is never given up (nothing smaller to retry).
     """
@@ -228,21 +229,23 @@ class _ChunkNewton(chunktime.ChunkNewtonRaphson):
     LINEAR_RATIO = 0.1
 
     def solve(self, fn, x0):
-        self._iteration, self._last = 0, None
+        self._iteration, self._last, self._target = 0, None, None
         return super().solve(fn, x0)
 
     def step(self, x, J, fn, R0, take_step):
+        if self._target is None:  # pyzag's test: converged at atol, or rtol of the start
+            self._target = (self.rtol * R0.norm(dim=-1)).clamp_min(self.atol)
         x, R, J, nR = super().step(x, J, fn, R0, take_step)
         if nR.shape[0] == 1:
             return x, R, J, nR
         self._iteration += 1
-        worst = nR.amax(dim=0)
+        distance = (nR / self._target).amax(dim=0)  # converged at <= 1
         if self._last is not None and self._iteration >= self.MIN_ITERATIONS:
-            ratio = (worst / self._last).clamp(max=1.0)
+            ratio = (distance / self._last).clamp(max=1.0)
             left = self.miter - self._iteration
-            hopeless = (ratio > self.LINEAR_RATIO) & (worst * ratio**left > self.atol)
+            hopeless = (ratio > self.LINEAR_RATIO) & (distance * ratio**left > 1.0)
             nR = torch.where(hopeless, torch.nan, nR)
-        self._last = worst
+        self._last = distance
         return x, R, J, nR
 
 
