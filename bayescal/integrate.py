@@ -177,52 +177,77 @@ def broadcast_params(model: Integrable, params: Mapping[str, torch.Tensor | floa
 class SmallBlockScan(chunktime.BidiagonalInverseOperator):
     """Block forward substitution for the small blocks of material models.
 
-    Substitution ``x_k = A_k^-1 (r_k - B_k x_(k-1))`` is the composition of the affine maps
-    ``x -> M_k x + c_k`` with ``M_k = -A_k^-1 B_k``. pyzag's generic solves wrap every block
-    in operator objects; for blocks of 2-6 states that bookkeeping dominated the cost. Two
-    ways to compose the maps, chosen by :meth:`use_scan`:
+    Substitution ``x_k = A_k^-1 (r_k - B_k x_(k-1))`` is ``x_k = y_k + G_k x_(k-1)`` with
+    ``y_k = A_k^-1 r_k`` and ``G_k = -A_k^-1 B_k``: two batched LU solves for the whole
+    chunk (with the factors pyzag made of the diagonal blocks), then one fused
+    multiply-add (``baddbmm``) per step. pyzag's generic Thomas solve wraps every block in
+    operator objects; for blocks of 2-6 states that bookkeeping dominated the cost.
 
-    * a **prefix scan** (Hillis-Steele): ``log2(steps)`` batched products, matrix-matrix
-      ones included, replace the Python loop; it pays where the loop's per-step overhead
-      dominates: long chunks of few, small blocks;
-    * a **loop** of one batched matrix-vector product per step, which does the least
-      arithmetic: better for the stage-augmented blocks of two-stage schemes, many
-      specimens or short chunks, where the scan's matrix products cost more than the loop's
-      overhead (measured in ``benchmarks/results/accuracy.json``'s timings).
+    Measured and dropped (``benchmarks/README.md``, gradient section): a prefix scan
+    (Hillis-Steele, ``log2(steps)`` batched matrix products), slower than this loop but for
+    long chunks of very few specimens; and one dense unit-triangular solve of the whole
+    chunk, faster only where the batch is small (1.2-1.4x at 20 steps of 12 specimens),
+    much slower for hundreds, with memory quadratic in the chunk.
 
     A singular block gives non-finite values, which the retrying solver detects.
     """
 
-    #: The scan is used for chunks longer than this ...
-    SCAN_MIN_STEPS = 32
-    #: ... whose blocks, summed over the batch, have at most this many entries.
-    SCAN_MAX_ENTRIES = 256
-
     def __init__(self, A, B, *args, **kwargs) -> None:
         super().__init__(A, B, *args, **kwargs)
-        self.A_inv = torch.linalg.inv_ex(A.data)[0]
+        if A.lu is None:  # pyzag factors the diagonal of its Newton and adjoint systems
+            A.lu, A.pivots = torch.linalg.lu_factor_ex(A.data)[:2]
+        self.lu, self.pivots = A.lu, A.pivots
         self.B_data = B.data
 
-    def use_scan(self) -> bool:
-        """Whether the prefix scan beats the loop for this chunk's shape."""
-        batch_entries = self.A_inv[0].numel()
-        return self.nblk > self.SCAN_MIN_STEPS and batch_entries <= self.SCAN_MAX_ENTRIES
-
     def matvec(self, v):
-        gain = -self.A_inv[1:] @ self.B_data
-        x = self.A_inv @ v.data.unsqueeze(-1)
-        if not self.use_scan():
-            steps = [x[0]]
-            for k in range(1, self.nblk):
-                steps.append(gain[k - 1] @ steps[-1] + x[k])
-            return DenseBlockVector(torch.stack(steps).squeeze(-1))
-        gain = torch.cat([torch.zeros_like(self.A_inv[:1]), gain])
-        shift = 1
-        while shift < self.nblk:
-            x = torch.cat([x[:shift], gain[shift:] @ x[:-shift] + x[shift:]])
-            gain = torch.cat([gain[:shift], gain[shift:] @ gain[:-shift]])
-            shift *= 2
-        return DenseBlockVector(x.squeeze(-1))
+        x = torch.linalg.lu_solve(self.lu, self.pivots, v.data.unsqueeze(-1))
+        if self.nblk == 1:
+            return DenseBlockVector(x.squeeze(-1))
+        gain = -torch.linalg.lu_solve(self.lu[1:], self.pivots[1:], self.B_data)
+        steps = [x[0]]
+        for g, y in zip(gain.unbind(0), x[1:].unbind(0)):
+            steps.append(torch.baddbmm(y, g, steps[-1]))
+        return DenseBlockVector(torch.stack(steps).squeeze(-1))
+
+
+class _ChunkNewton(chunktime.ChunkNewtonRaphson):
+    """pyzag's chunk Newton that, on a chunk of several steps, gives up on a specimen whose
+    iteration cannot converge within the remaining iterations, so that the retrying solver
+    re-solves the chunk in halves at once instead of after ``max_iterations``.
+
+    A predictor that overshoots into the exponential range of a stiff flow rule (voce-jc)
+    leaves Newton creeping back at a fixed ratio per iteration (about 0.37 from residuals
+    of 1e20 and more); 40 such iterations then failed, and halves converged. A specimen is
+    given up when, after at least three iterations, its worst step's residual (relative to
+    what pyzag accepts: ``atol``, or ``rtol`` times the step's first residual) shrinks by a
+    ratio above 0.1 (Newton's linear phase, not its quadratic one) too slow to converge in
+    the iterations left. pyzag stops iterating a specimen whose residual norm
+    is NaN and records it as failed: a given-up specimen's norm is set to NaN. A chunk of
+    one step is never given up (nothing smaller to retry).
+    """
+
+    MIN_ITERATIONS = 3
+    LINEAR_RATIO = 0.1
+
+    def solve(self, fn, x0):
+        self._iteration, self._last, self._target = 0, None, None
+        return super().solve(fn, x0)
+
+    def step(self, x, J, fn, R0, take_step):
+        if self._target is None:  # pyzag's test: converged at atol, or rtol of the start
+            self._target = (self.rtol * R0.norm(dim=-1)).clamp_min(self.atol)
+        x, R, J, nR = super().step(x, J, fn, R0, take_step)
+        if nR.shape[0] == 1:
+            return x, R, J, nR
+        self._iteration += 1
+        distance = (nR / self._target).amax(dim=0)  # converged at <= 1
+        if self._last is not None and self._iteration >= self.MIN_ITERATIONS:
+            ratio = (distance / self._last).clamp(max=1.0)
+            left = self.miter - self._iteration
+            hopeless = (ratio > self.LINEAR_RATIO) & (distance * ratio**left > 1.0)
+            nR = torch.where(hopeless, torch.nan, nR)
+        self._last = distance
+        return x, R, J, nR
 
 
 class _RetryingSolver(nonlinear.RecursiveNonlinearEquationSolver):
@@ -241,7 +266,7 @@ class _RetryingSolver(nonlinear.RecursiveNonlinearEquationSolver):
             # the built-in models' dense blocks; NEML2's factory brings its own block types
             direct_solve_operator=(SmallBlockScan if isinstance(factory, StrainControlledResidual)
                                    else chunktime.BidiagonalThomasFactorization),
-            nonlinear_solver=chunktime.ChunkNewtonRaphson(
+            nonlinear_solver=(_ChunkNewton if options.retry else chunktime.ChunkNewtonRaphson)(
                 rtol=options.rtol, atol=options.atol, miter=options.max_iterations,
                 record_failed=True,
             ),
@@ -258,7 +283,11 @@ class _RetryingSolver(nonlinear.RecursiveNonlinearEquationSolver):
             x = super().block_update(prev, guess, forces)
         bad = newton.failed | ~torch.isfinite(x).all(dim=-1).all(dim=0)
         dead = self.report.failed
-        return x, (bad & ~dead if dead is not None else bad)
+        if dead is None:
+            return x, bad
+        # a specimen that failed in an earlier chunk stays NaN: its NaN start need not give
+        # NaN through Newton (pyzag stops iterating a NaN residual and keeps the guess)
+        return torch.where(dead[None, :, None], torch.nan, x), bad & ~dead
 
     def block_update(self, prev_solution, solution, forces):
         x, bad = self._newton(prev_solution, solution, forces)

@@ -32,8 +32,12 @@ def _stack(items: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 def _stack_jacobian(rows: Sequence[Sequence[torch.Tensor]]) -> torch.Tensor:
-    """Stack a nested list of broadcastable tensors into (..., n, n)."""
-    return torch.stack(torch.broadcast_tensors(*[_stack(row) for row in rows]), dim=-2)
+    """Stack a nested list of broadcastable tensors into (..., n, n): one broadcast and one
+    stack for all entries (a Newton iteration evaluates this many times on small tensors,
+    where every torch call costs more than its arithmetic)."""
+    n = len(rows)
+    entries = torch.broadcast_tensors(*[entry for row in rows for entry in row])
+    return torch.stack(entries, dim=-1).unflatten(-1, (n, n))
 
 
 class Integrable(ABC):
@@ -122,10 +126,8 @@ class MaterialModel(Integrable):
     def strain_coupling(self, p: Params, like: torch.Tensor) -> torch.Tensor:
         """``d(state rate) / d(strain rate)``: Young's modulus on the stress component."""
         E = torch.as_tensor(p["E"], dtype=like.dtype, device=like.device)
-        out = torch.zeros(torch.broadcast_shapes(E.shape, like.shape[:-1]) + (self.n_state,),
-                          dtype=like.dtype, device=like.device)
-        out[..., 0] = E
-        return out
+        E = torch.broadcast_tensors(E, like[..., 0])[0]
+        return torch.nn.functional.pad(E[..., None], (0, self.n_state - 1))
 
     def factory(self, params: Params, scheme: str = "backward-euler"
                 ) -> StrainControlledResidual:
@@ -403,6 +405,8 @@ class StrainControlledResidual(torch.nn.Module, NonlinearFunctionOperatorFactory
         for key, value in params.items():
             setattr(self, key, value)
         self._wrapper = DenseODEWrapper()
+        self._cache_key: tuple | None = None
+        self._cache: dict[str, torch.Tensor] = {}
 
     @property
     def lookback(self) -> int:
@@ -416,33 +420,46 @@ class StrainControlledResidual(torch.nn.Module, NonlinearFunctionOperatorFactory
         """The parameter tensors, by name."""
         return {key: getattr(self, key) for key in self.model.parameters}
 
+    def _constants(self, like: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The scheme's tensors, made once per dtype and device: a Newton iteration
+        evaluates the residual of a small chunk, where making them anew cost more than the
+        arithmetic."""
+        key = (like.dtype, like.device)
+        if self._cache_key != key:
+            s, n = self.scheme.stages, self.model.n_state
+            kw = {"dtype": like.dtype, "device": like.device}
+            a = torch.tensor(self.scheme.a, **kw)
+            sub = torch.zeros(s * n, s * n, **kw)
+            sub[:, (s - 1) * n:] = -torch.eye(n, **kw).repeat(s, 1)
+            self._cache = {"a": a, "c": torch.tensor(self.scheme.c, **kw),
+                           "a_blocks": a[:, None, :, None], "eye": torch.eye(s * n, **kw),
+                           "sub": sub}
+            self._cache_key = key
+        return self._cache
+
     def evaluate_raw(self, x_full, forces):
         time, strain, *temperature = forces
         s, n = self.scheme.stages, self.model.n_state
         like = x_full[1:]
-        a = torch.tensor(self.scheme.a, dtype=like.dtype, device=like.device)
-        c = torch.tensor(self.scheme.c, dtype=like.dtype, device=like.device)
-        dt = torch.diff(time, dim=0)[..., None]  # (step, batch, 1, 1)
-        dstrain = torch.diff(strain, dim=0)[..., None]
+        k = self._constants(like)
+        a, c = k["a"], k["c"]
+        dt = (time[1:] - time[:-1])[..., None]  # (step, batch, 1, 1)
+        dstrain = (strain[1:] - strain[:-1])[..., None]
         stages = like.unflatten(-1, (s, n))  # (step, batch, stage, n)
         x_prev = x_full[:-1, ..., None, (s - 1) * n:]  # (step, batch, 1, n)
         p = self.params()
         # a thermal model's forces carry the path's temperature: linear in time within a
         # step, like strain (isothermal models keep their two-argument rate)
-        stage_temperature = [T[:-1, ..., None] + c * torch.diff(T, dim=0)[..., None]
+        stage_temperature = [T[:-1, ..., None] + c * (T[1:] - T[:-1])[..., None]
                              for T in (f[..., 0] for f in temperature)]
-        rate, jac = self.model.rate(stages, {k: v[..., None] for k, v in p.items()},
+        rate, jac = self.model.rate(stages, {key: v[..., None] for key, v in p.items()},
                                     *stage_temperature)
-        coupling = self.model.strain_coupling(p, x_prev[..., 0, :])[..., None, :]
-        combined = torch.einsum("ij,...jn->...in", a, rate)
-        R = stages - x_prev - dt * combined - (c[:, None] * dstrain) * coupling
+        coupling = self.model.strain_coupling(p, x_full[0])  # (batch, n)
+        R = stages - x_prev - dt * (a @ rate) - (c[:, None] * dstrain) * coupling[:, None, :]
         # K[.., i, u, j, v] = a_ij J(Y_j)[u, v], built in that memory order
-        coupled = a[:, None, :, None] * jac.transpose(-3, -2)[..., None, :, :, :]
-        eye = torch.eye(s * n, dtype=like.dtype, device=like.device)
-        diag = eye - dt * coupled.reshape(*coupled.shape[:-4], s * n, s * n)
-        sub = torch.zeros(s * n, s * n, dtype=like.dtype, device=like.device)
-        sub[:, (s - 1) * n:] = -torch.eye(n, dtype=like.dtype, device=like.device).repeat(s, 1)
-        return R.flatten(-2), self.wrapper.wrap_jacobian(diag, sub.expand_as(diag))
+        coupled = k["a_blocks"] * jac.transpose(-3, -2)[..., None, :, :, :]
+        diag = k["eye"] - dt * coupled.reshape(*coupled.shape[:-4], s * n, s * n)
+        return R.flatten(-2), self.wrapper.wrap_jacobian(diag, k["sub"].expand_as(diag))
 
     def make_operator(self, prev_solution, forces, inverse_operator):
         return ChunkOp(self, prev_solution, forces, inverse_operator)

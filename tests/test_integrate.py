@@ -415,3 +415,80 @@ def test_failed_specimen_gradients_are_nan_not_zero():
     stress.sum().backward()
     for k in CALIBRATED["perzyna-voce"]:
         assert torch.isnan(p[k].grad[1]), f"d loss / d {k} of the failed specimen is {p[k].grad[1]}"
+
+
+# --------------------------------------------------------------------------------------------
+# 10. the cheaper gradient's pieces (issue 12): the block solve, and giving up on a hopeless
+# Newton iteration
+
+
+@pytest.mark.parametrize("steps, batch, n", [(1, 3, 2), (7, 5, 4), (20, 12, 6)])
+def test_small_block_scan_matches_pyzag_thomas_solve(steps, batch, n):
+    """Forward substitution with pyzag's LU factors and one ``baddbmm`` a step solves the
+    block bidiagonal system as pyzag's generic Thomas solve does."""
+    from pyzag.chunktime import BidiagonalThomasFactorization
+    from pyzag.operators.dense import DenseBlockOperator, DenseBlockVector
+
+    from bayescal.integrate import SmallBlockScan
+
+    gen = torch.Generator().manual_seed(12)
+    A = torch.randn(steps, batch, n, n, generator=gen) + 4 * torch.eye(n)
+    B = torch.randn(steps - 1, batch, n, n, generator=gen)
+    v = DenseBlockVector(torch.randn(steps, batch, n, generator=gen))
+    expected = BidiagonalThomasFactorization(DenseBlockOperator.factored(A),
+                                             DenseBlockOperator(B)).matvec(v).data
+    for a in (DenseBlockOperator.factored(A), DenseBlockOperator(A)):  # pyzag's LU, or its own
+        x = SmallBlockScan(a, DenseBlockOperator(B)).matvec(v).data
+        torch.testing.assert_close(x, expected, rtol=1e-12, atol=1e-12)
+
+
+def _jc_informative(n_chunk):
+    """voce-jc at the shipped card's prior centre on the informative path (10 points a
+    segment, 4 sub-steps), where long chunks of its exponential flow rule fail in Newton."""
+    model = get_model("voce-jc")
+    t, e = informative_path(10)
+    P = dict(E=200000.0, sy=300.0, Rinf=300.0, d=10.0, C=0.02, eps0=1e-3)
+    p = {k: torch.tensor(v, requires_grad=k in ("sy", "Rinf", "C")) for k, v in P.items()}
+    options = SolverOptions(n_chunk=n_chunk, substeps=4, transient_substeps=16)
+    return model, p, t, e, options
+
+
+def _count_evaluations(monkeypatch):
+    from bayescal.material import StrainControlledResidual
+
+    calls = [0]
+    evaluate = StrainControlledResidual.evaluate_raw
+
+    def counting(self, *args):
+        calls[0] += 1
+        return evaluate(self, *args)
+
+    monkeypatch.setattr(StrainControlledResidual, "evaluate_raw", counting)
+    return calls
+
+
+def test_giving_up_a_hopeless_chunk_saves_newton_iterations_not_accuracy(monkeypatch):
+    """On a path where voce-jc's chunks fail, giving up early re-solves them in halves after
+    a few iterations instead of ``max_iterations``: fewer residual evaluations, the same
+    gradient (against a sequential solve) and the same stress."""
+    from bayescal.integrate import _ChunkNewton
+
+    calls = _count_evaluations(monkeypatch)
+    results = {}
+    for label, first in (("give up", _ChunkNewton.MIN_ITERATIONS), ("never", 10**9),
+                         ("sequential", None)):
+        monkeypatch.setattr(_ChunkNewton, "MIN_ITERATIONS", first or 10**9)
+        model, p, t, e, options = _jc_informative(1 if first is None else 20)
+        calls[0] = 0
+        stress, report = simulate(model, p, t, e, options)
+        assert report.n_failed == 0
+        forward = calls[0]
+        (_weights(t.shape[0]) * stress).sum().backward()
+        results[label] = (stress.detach(), torch.stack([p[k].grad for k in ("sy", "Rinf", "C")]),
+                          forward, report.retries)
+    stress, grad, forward, retries = results["give up"]
+    assert results["never"][3] > 0  # the problem has chunks that fail
+    assert forward < 0.75 * results["never"][2]
+    for other in ("never", "sequential"):
+        torch.testing.assert_close(stress, results[other][0], rtol=1e-9, atol=1e-8)
+        torch.testing.assert_close(grad, results[other][1], rtol=1e-8, atol=0.0)
