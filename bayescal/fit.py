@@ -26,6 +26,7 @@ from bayescal.hierarchy import Hierarchy
 from bayescal.inference.accuracy import integration_report, map_parameters, replan_at_map
 from bayescal.inference.draws import (posterior_draws, predictive_and_loglik, sample_guide,
                                       unpack_draws)
+from bayescal.inference.importance import check_approximation, correct
 from bayescal.inference.nuts import NUTSConfig, run_nuts
 from bayescal.inference.svi import Packing, SVIConfig, initial_values, run_svi
 from bayescal.output import FolderLock
@@ -137,12 +138,14 @@ def fit(spec: ModelSpec, experiments: Experiments, method: str = "svi",
         config: SVIConfig = SVIConfig(), draws: int = 1000, seed: int = 0,
         centered: bool = False, checkpoint: Path | None = None, resume: bool = False,
         progress: bool = True, command: str = "",
-        nuts: NUTSConfig = NUTSConfig()) -> az.InferenceData:
+        nuts: NUTSConfig = NUTSConfig(), importance: bool = True) -> az.InferenceData:
     """Calibrate ``spec`` against ``experiments`` and return the posterior as InferenceData.
 
     ``config`` sets the MAP/Laplace/SVI stages (for ``nuts``: the approximation it starts
     from), ``nuts`` the sampler; ``draws`` is the number of guide draws (``nuts``: its
-    ``samples`` per chain).
+    ``samples`` per chain). An approximate posterior (laplace, svi) is checked on its draws
+    (Pareto k-hat of the importance ratios, :mod:`bayescal.inference.importance`) and, with
+    ``importance`` and k-hat below 0.7, stored resampled with the smoothed weights.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
@@ -198,6 +201,10 @@ def fit(spec: ModelSpec, experiments: Experiments, method: str = "svi",
             "resumed_from": result.resumed_from,
         }
         sample_stats = None
+        if config.guide != "delta":
+            check = check_approximation(Packing(h, initial_values(h)), result.guide, latents)
+            latents, checked, sample_stats = correct(latents, check, seed, importance)
+            run_attrs.update(checked)
     post = posterior_draws(h, latents, unique=method == "map")
     notes += _warn(noise_warnings(spec, post.noise_sd))
     if method == "nuts":
