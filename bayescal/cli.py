@@ -262,6 +262,10 @@ def _fit_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--dense-mass", action="store_true",
                        help="adapt a dense mass matrix on top of the starting approximation's "
                             "(default: diagonal)")
+    parser.add_argument("--no-importance", action="store_true",
+                        help="store the approximation's own draws, not the ones resampled with "
+                             "their Pareto-smoothed importance weights (laplace and svi resample "
+                             "by default when Pareto k-hat < 0.7)")
     parser.add_argument("--no-figures", action="store_true", help="skip the figures")
     parser.add_argument("--out", metavar="DIR", required=True, help="output directory")
 
@@ -272,6 +276,7 @@ def _run_fit(args: argparse.Namespace) -> int:
     from bayescal.card import load_card
     from bayescal.data import read_experiments
     from bayescal.fit import fit_to_directory
+    from bayescal.summary import trust_line
     from bayescal.inference.nuts import NUTSConfig
     from bayescal.inference.svi import SVIConfig
     from bayescal.output import prepare_output_folder
@@ -311,7 +316,7 @@ def _run_fit(args: argparse.Namespace) -> int:
     idata = fit_to_directory(spec, experiments, out, figures=not args.no_figures, method=args.method,
                              config=config, draws=args.draws, seed=args.seed,
                              centered=args.centered, resume=args.resume, command=args.command_line,
-                             nuts=sampler)
+                             nuts=sampler, importance=not args.no_importance)
     attrs = idata.posterior.attrs
     if args.method == "nuts":
         print(f"wrote {out / 'posterior.nc'} (nuts, {args.chains} chains x {args.samples} draws "
@@ -321,6 +326,8 @@ def _run_fit(args: argparse.Namespace) -> int:
         print(f"wrote {out / 'posterior.nc'} ({args.method}, guide {guide}, {attrs['steps']} "
               f"evaluations, {attrs['fit_time_s']:.0f} s fit, {attrs['solver_retries']} solver "
               f"retries, {attrs['skipped_steps']} skipped steps)")
+    if "pareto_k" in attrs:
+        print(trust_line(attrs))
     print(f"integration: {attrs['scheme']}, {attrs['integration_steps']} steps, estimated "
           f"error at the {attrs['integration_error_at']} {attrs['integration_error_rms']:.2g} MPa "
           f"rms, {attrs['integration_error_max']:.2g} MPa at worst")

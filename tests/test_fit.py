@@ -63,7 +63,14 @@ def test_export_contract_field_by_field(small_fit, small_problem):
     experiments, _ = small_problem
     idata = small_fit
     assert set(idata.groups()) == {"posterior", "posterior_predictive", "log_likelihood",
-                                   "observed_data", "constant_data"}
+                                   "observed_data", "constant_data", "sample_stats"}
+    # an approximation's check: k-hat, and each stored draw's log ratio and smoothed weight
+    assert set(idata.sample_stats.data_vars) == {"log_ratio", "log_weight"}
+    assert idata.sample_stats["log_weight"].dims == ("chain", "draw")
+    assert idata.sample_stats["log_weight"].shape == (1, 40)
+    assert np.isfinite(idata.posterior.attrs["pareto_k"])
+    assert idata.posterior.attrs["importance_resampled"] == int(
+        idata.posterior.attrs["pareto_k"] < 0.7)
     post = idata.posterior
     names = ["sy", "Rinf", "d", "eta"]
     expected = {n for n in names} | {f"{n}_pop_{s}" for n in names for s in ("mean", "sd")}

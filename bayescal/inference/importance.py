@@ -106,12 +106,17 @@ def log_joint(packing, u: torch.Tensor, max_batch: int = 8192) -> torch.Tensor:
 
 def pareto_smooth(log_ratio: np.ndarray) -> tuple[np.ndarray, float]:
     """Pareto-smoothed normalised log weights and k-hat (ArviZ's PSIS) of log ratios of
-    independent draws (``reff = 1``). Draws with ``-inf`` (failed solves) keep weight zero."""
+    independent draws (``reff = 1``). Draws with ``-inf`` (failed solves) keep weight zero.
+    Equal ratios (``q`` proportional to ``p``: the approximation is exact) have no tail to
+    fit; they get equal weights and k-hat ``-inf``."""
     log_ratio = np.asarray(log_ratio, dtype=float)
     finite = np.isfinite(log_ratio)
     if finite.sum() < 2:
         return np.full_like(log_ratio, -np.inf), float("inf")
     log_weight = np.full_like(log_ratio, -np.inf)
+    if np.ptp(log_ratio[finite]) <= 1e-9 * max(1.0, np.abs(log_ratio[finite]).max()):
+        log_weight[finite] = -np.log(finite.sum())
+        return log_weight, -float("inf")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # ArviZ warns on k > 0.7, which we report ourselves
         smoothed, k = az.psislw(log_ratio[finite] - log_ratio[finite].max(), reff=1.0)
