@@ -120,9 +120,10 @@ DRAWS = 200
 BINS = 10
 LEVELS = ("population", "specimen", "noise")
 METHODS = ("laplace", "svi-mvn", "svi-lowrank", "svi-normal", "nuts")
-#: SVI steps at most (the plateau stop usually comes first); NUTS: one chain.
+#: SVI steps at most (the plateau stop usually comes first).
 SVI_STEPS = 500
-NUTS = NUTSConfig(chains=1, warmup=100, samples=200, max_tree_depth=6, processes=1)
+#: NUTS: one chain (``--nuts-warmup``, ``--nuts-samples``, ``--nuts-depth`` change it).
+NUTS = NUTSConfig(chains=1, warmup=150, samples=200, max_tree_depth=6, processes=1)
 
 
 def card():
@@ -200,9 +201,9 @@ def score(idata, truth: dict[str, np.ndarray]) -> dict:
     return {"pareto_k": k, **out}
 
 
-def run_one(method: str, spec, experiments: Experiments, seed: int):
+def run_one(method: str, spec, experiments: Experiments, seed: int, nuts: NUTSConfig = NUTS):
     if method == "nuts":
-        return fit(spec, experiments, method="nuts", nuts=NUTS, seed=seed, progress=False)
+        return fit(spec, experiments, method="nuts", nuts=nuts, seed=seed, progress=False)
     if method == "laplace":
         return fit(spec, experiments, method="laplace", config=SVIConfig(guide="mvn"),
                    draws=DRAWS, seed=seed, progress=False, importance=False)
@@ -231,6 +232,8 @@ def run(args) -> list[dict]:
     done = {(r["method"], r["rep"]) for r in records}
     spec = card()
     blank = blank_experiments(args.specimens, args.points)
+    nuts = replace(NUTS, warmup=args.nuts_warmup, samples=args.nuts_samples,
+                   max_tree_depth=args.nuts_depth)
     for method, count in reps_by_method(args).items():
         for rep in range(count):
             if (method, rep) in done:
@@ -238,7 +241,7 @@ def run(args) -> list[dict]:
             experiments, truth, redraws = draw_problem(spec, blank, rep)
             start = time.perf_counter()
             try:
-                idata = run_one(method, spec, experiments, seed=rep)
+                idata = run_one(method, spec, experiments, seed=rep, nuts=nuts)
             except Exception as exc:  # noqa: BLE001  the fit failed: recorded, not scored
                 records.append({"method": method, "rep": rep,
                                 "failed": f"{type(exc).__name__}: {exc}"[:300]})
@@ -247,7 +250,12 @@ def run(args) -> list[dict]:
                 continue
             record = {"method": method, "rep": rep, "redraws": redraws,
                       "seconds": time.perf_counter() - start,
-                      "noise_true": float(truth["noise_sd"]), **score(idata, truth)}
+                      "noise_true": float(truth["noise_sd"]),
+                      "draws": int(idata.posterior.sizes["draw"]), **score(idata, truth)}
+            if method == "nuts":
+                record["nuts"] = {"warmup": nuts.warmup, "samples": nuts.samples,
+                                  "max_tree_depth": nuts.max_tree_depth,
+                                  "divergences": int(idata.posterior.attrs["divergences"])}
             records.append(record)
             out.write_text(json.dumps(records))
             print(f"rep {rep:3d} {method:12s} k-hat {record['pareto_k']:6.2f} "
@@ -337,6 +345,10 @@ def main(argv=None) -> int:
                         help="methods, run in this order")
     parser.add_argument("--method-reps", nargs="+", metavar="METHOD=N",
                         help="replications of single methods (e.g. svi-normal=20 nuts=10)")
+    parser.add_argument("--nuts-warmup", type=int, default=NUTS.warmup)
+    parser.add_argument("--nuts-samples", type=int, default=NUTS.samples)
+    parser.add_argument("--nuts-depth", type=int, default=NUTS.max_tree_depth,
+                        help="NUTS's most trajectory doublings")
     parser.add_argument("--specimens", type=int, default=SPECIMENS)
     parser.add_argument("--points", type=int, default=POINTS, help="recorded points a segment")
     parser.add_argument("--out", default=str(RESULTS / "sbc.json"))
