@@ -134,15 +134,17 @@ def numeric_labels(experiments: Experiments) -> dict[str, np.ndarray]:
             if all(isinstance(v, float) for v in values)}
 
 
-def fit(spec: ModelSpec, experiments: Experiments, method: str = "svi",
+def fit(spec: ModelSpec, experiments: Experiments, method: str = "laplace",
         config: SVIConfig = SVIConfig(), draws: int = 1000, seed: int = 0,
         centered: bool = False, checkpoint: Path | None = None, resume: bool = False,
         progress: bool = True, command: str = "",
         nuts: NUTSConfig = NUTSConfig(), importance: bool = True) -> az.InferenceData:
     """Calibrate ``spec`` against ``experiments`` and return the posterior as InferenceData.
 
-    ``config`` sets the MAP/Laplace/SVI stages (for ``nuts``: the approximation it starts
-    from), ``nuts`` the sampler; ``draws`` is the number of guide draws (``nuts``: its
+    The default method, the full-rank Laplace approximation, is the one that
+    ``benchmarks/sbc.py`` found best calibrated (docs/fitting.md, "Is my posterior
+    trustworthy?"). ``config`` sets the MAP/Laplace/SVI stages (for ``nuts``: the
+    approximation it starts from), ``nuts`` the sampler; ``draws`` is the number of guide draws (``nuts``: its
     ``samples`` per chain). An approximate posterior (laplace, svi) is checked on its draws
     (Pareto k-hat of the importance ratios, :mod:`bayescal.inference.importance`) and, with
     ``importance`` and k-hat below 0.7, stored resampled with the smoothed weights.

@@ -151,6 +151,7 @@ def test_fit_stores_k_hat_weights_and_a_verdict(capsys):
     assert "unreliable" in text and "--method nuts" in text
 
 
+@pytest.mark.slow
 def test_no_importance_from_the_command_line(capsys, tmp_path):
     """``--no-importance`` keeps the guide's draws; fit and summary print k-hat and verdict."""
     time, strain = informative_path(6)
