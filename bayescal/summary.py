@@ -95,7 +95,7 @@ def trust_line(attrs) -> str:
                  if int(attrs.get("importance_resampled", 0)) else "stored draws not resampled")
     ess = attrs.get("importance_ess")
     ess = f", importance ESS {float(ess):.0f}" if ess is not None else ""
-    return f"Pareto k-hat {k:.2f} ({resampled}{ess}): {verdict(k)}"
+    return f"Pareto k-hat {k:.2f} ({resampled}{ess}): {verdict(k, attrs.get('guide', ''))}"
 
 
 def format_summary(idata: az.InferenceData, population_only: bool = False) -> str:

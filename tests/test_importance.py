@@ -87,8 +87,10 @@ def test_correct_resamples_only_below_0_7_and_when_enabled():
 def test_verdicts_name_what_to_do():
     assert importance.verdict(0.3).startswith("reliable")
     assert importance.verdict(0.6).startswith("usable with importance correction")
-    bad = importance.verdict(0.9)
+    bad = importance.verdict(0.9, "normal")
     assert bad.startswith("unreliable") and "--guide mvn" in bad and "--method nuts" in bad
+    full_rank = importance.verdict(0.9, "mvn")
+    assert "--guide mvn" not in full_rank and "--method nuts" in full_rank
 
 
 @pytest.fixture(scope="module")
@@ -175,4 +177,4 @@ def test_no_importance_from_the_command_line(capsys, tmp_path):
     assert line in stdout
     assert main(["summary", str(out / "posterior.nc"), "--population"]) == 0
     summary = capsys.readouterr().out
-    assert line in summary and importance.verdict(attrs["pareto_k"]) in summary
+    assert line in summary and importance.verdict(attrs["pareto_k"], "mvn") in summary

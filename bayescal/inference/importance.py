@@ -147,8 +147,9 @@ def resample(log_weight: np.ndarray, n: int, seed: int) -> np.ndarray:
     return np.searchsorted(cumulative, (offset + np.arange(n)) / n, side="right")
 
 
-def verdict(k: float) -> str:
-    """What a k-hat means for the user, in plain words, with what to do about it."""
+def verdict(k: float, guide: str = "") -> str:
+    """What a k-hat means for the user, in plain words, with what to do about it (the
+    full-rank guide is suggested only to a fit that did not use it)."""
     if not np.isfinite(k):
         return ("no usable draws (the solver failed on almost all of them): the approximation "
                 "cannot be checked; refit with --method nuts")
@@ -157,8 +158,10 @@ def verdict(k: float) -> str:
     if k < K_USABLE:
         return ("usable with importance correction: the draws are resampled with the "
                 "Pareto-smoothed weights (unless --no-importance)")
-    return ("unreliable: the approximation misses posterior mass, so its intervals are too "
-            "narrow; refit with the full-rank guide (--guide mvn) or, better, --method nuts")
+    better = "--method nuts" if guide == "mvn" else \
+        "the full-rank guide (--guide mvn) or, better, --method nuts"
+    return ("unreliable: the approximation does not match the posterior (its intervals may be "
+            f"too narrow, most often for the population spreads); refit with {better}")
 
 
 def correct(latents: dict[str, torch.Tensor], check: ImportanceCheck, seed: int,
