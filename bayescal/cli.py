@@ -224,10 +224,11 @@ def _fit_options(parser: argparse.ArgumentParser) -> None:
     defaults, sampler = SVIConfig(), NUTSConfig()
     parser.add_argument("card", metavar="CARD", help="model card (TOML)")
     parser.add_argument("--data", metavar="DATA.csv", required=True, help="test data (long CSV)")
-    parser.add_argument("--method", choices=METHODS, default="svi",
+    parser.add_argument("--method", choices=METHODS, default="laplace",
                         help="map: the posterior mode only; laplace: the Gaussian guide at the "
                              "Laplace approximation, no SVI steps; svi: the guide refined by SVI; "
-                             "nuts: No-U-Turn sampling (default: svi)")
+                             "nuts: No-U-Turn sampling (default: laplace, the best calibrated in "
+                             "benchmarks/sbc.py)")
     parser.add_argument("--guide", choices=GUIDES, default=None,
                         help=f"SVI guide (default: {defaults.guide}; map implies delta)")
     parser.add_argument("--steps", type=int, default=defaults.steps, metavar="N",
@@ -275,6 +276,10 @@ def _fit_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--dense-mass", action="store_true",
                        help="adapt a dense mass matrix on top of the starting approximation's "
                             "(default: diagonal)")
+    parser.add_argument("--no-importance", action="store_true",
+                        help="store the approximation's own draws, not the ones resampled with "
+                             "their Pareto-smoothed importance weights (laplace and svi resample "
+                             "by default when Pareto k-hat < 0.7)")
     parser.add_argument("--no-figures", action="store_true", help="skip the figures")
     parser.add_argument("--out", metavar="DIR", required=True, help="output directory")
 
@@ -285,6 +290,7 @@ def _run_fit(args: argparse.Namespace) -> int:
     from bayescal.card import load_card
     from bayescal.data import read_experiments
     from bayescal.fit import check_draws, fit_to_directory
+    from bayescal.summary import trust_line
     from bayescal.inference.nuts import NUTSConfig
     from bayescal.inference.svi import SVIConfig
     from bayescal.output import prepare_output_folder
@@ -314,7 +320,7 @@ def _run_fit(args: argparse.Namespace) -> int:
     idata = fit_to_directory(spec, experiments, out, figures=not args.no_figures, method=args.method,
                              config=config, draws=args.draws, seed=args.seed,
                              centered=args.centered, resume=args.resume, command=args.command_line,
-                             nuts=sampler)
+                             nuts=sampler, importance=not args.no_importance)
     attrs = idata.posterior.attrs
     if args.method == "nuts":
         print(f"wrote {out / 'posterior.nc'} (nuts, {args.chains} chains x {args.samples} draws "
@@ -324,6 +330,8 @@ def _run_fit(args: argparse.Namespace) -> int:
         print(f"wrote {out / 'posterior.nc'} ({args.method}, guide {guide}, {attrs['steps']} "
               f"evaluations, {attrs['fit_time_s']:.0f} s fit, {attrs['solver_retries']} solver "
               f"retries, {attrs['skipped_steps']} skipped steps)")
+    if "pareto_k" in attrs:
+        print(trust_line(attrs))
     print(f"integration: {attrs['scheme']}, {attrs['integration_steps']} steps, estimated "
           f"error at the {attrs['integration_error_at']} {attrs['integration_error_rms']:.2g} MPa "
           f"rms, {attrs['integration_error_max']:.2g} MPa at worst")

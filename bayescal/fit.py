@@ -27,6 +27,7 @@ from bayescal.hierarchy import Hierarchy
 from bayescal.inference.accuracy import integration_report, map_parameters, replan_at_map
 from bayescal.inference.draws import (posterior_draws, predictive_and_loglik, sample_guide,
                                       unpack_draws)
+from bayescal.inference.importance import check_approximation, correct
 from bayescal.inference.nuts import NUTSConfig, run_nuts
 from bayescal.inference.laplace import MAPConfig
 from bayescal.inference.packing import Packing, initial_values
@@ -151,22 +152,28 @@ def check_draws(draws: int) -> None:
         raise InvalidSetting("draws", f"must be at least 1, got {draws}")
 
 
-def fit(spec: ModelSpec, experiments: Experiments, method: str = "svi",
+def fit(spec: ModelSpec, experiments: Experiments, method: str = "laplace",
         config: SVIConfig = SVIConfig(), draws: int = 1000, seed: int = 0,
         centered: bool | Iterable[str] | None = None, checkpoint: Path | None = None,
         resume: bool = False,
         progress: bool = True, command: str = "",
-        nuts: NUTSConfig = NUTSConfig(), map_config: MAPConfig = MAPConfig()) -> az.InferenceData:
+        nuts: NUTSConfig = NUTSConfig(), map_config: MAPConfig = MAPConfig(),
+        importance: bool = True) -> az.InferenceData:
     """Calibrate ``spec`` against ``experiments`` and return the posterior as InferenceData.
 
-    ``centered`` names the varying parameters sampled centered (``True``: all, ``False``:
-    none); ``None`` (the default) lets NUTS choose per parameter from the data at the
-    Laplace point (:mod:`bayescal.inference.parameterisation`) and means non-centered for
-    the other methods.
+    The default method, the full-rank Laplace approximation, is the one that
+    ``benchmarks/sbc.py`` found best calibrated (docs/fitting.md, "Is my posterior
+    trustworthy?"). ``centered`` names the varying parameters sampled centered (``True``:
+    all, ``False``: none); ``None`` (the default) lets NUTS choose per parameter from the
+    data at the Laplace point (:mod:`bayescal.inference.parameterisation`) and means
+    non-centered for the other methods.
 
     ``map_config`` sets the MAP/Laplace stage, ``config`` the SVI stage (for ``nuts``: the
-    approximation it starts from), ``nuts`` the sampler; ``draws`` is the number of guide draws (``nuts``: its
-    ``samples`` per chain).
+    approximation it starts from), ``nuts`` the sampler; ``draws`` is the number of guide
+    draws (``nuts``: its ``samples`` per chain). An approximate posterior (laplace, svi) is
+    checked on its draws (Pareto k-hat of the importance ratios,
+    :mod:`bayescal.inference.importance`) and, with ``importance`` and k-hat below 0.7,
+    stored resampled with the smoothed weights.
     """
     if method not in METHODS:
         raise InvalidSetting("method", f"{method!r} is unknown; choose one of "
@@ -227,6 +234,10 @@ def fit(spec: ModelSpec, experiments: Experiments, method: str = "svi",
             "resumed_from": result.resumed_from,
         }
         sample_stats = None
+        if config.guide != "delta":
+            check = check_approximation(Packing(h, initial_values(h)), result.guide, latents)
+            latents, checked, sample_stats = correct(latents, check, seed, importance)
+            run_attrs.update(checked)
     post = posterior_draws(h, latents, unique=method == "map")
     notes += _warn(noise_warnings(spec, post.noise_sd))
     if method == "nuts":

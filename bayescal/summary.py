@@ -1,6 +1,7 @@
 """Posterior summaries: means, sd and 90% intervals from ArviZ, with the run's context, and
 for samplers the convergence diagnostics (R-hat, bulk and tail ESS, MCSE, divergences) with
-plain-word warnings."""
+plain-word warnings; for approximations (laplace, svi) the Pareto k-hat of their importance
+ratios with a plain-word verdict (:mod:`bayescal.inference.importance`)."""
 
 from __future__ import annotations
 
@@ -86,6 +87,19 @@ def diagnostics(idata: az.InferenceData, table: pd.DataFrame) -> list[str]:
     return lines
 
 
+def trust_line(attrs) -> str:
+    """Pareto k-hat of an approximate posterior, whether its draws were resampled, and the
+    verdict (what it means and what to run instead)."""
+    from bayescal.inference.importance import verdict  # torch and pyro only when needed
+
+    k = float(attrs["pareto_k"])
+    resampled = ("stored draws resampled with the importance weights"
+                 if int(attrs.get("importance_resampled", 0)) else "stored draws not resampled")
+    ess = attrs.get("importance_ess")
+    ess = f", importance ESS {float(ess):.0f}" if ess is not None else ""
+    return f"Pareto k-hat {k:.2f} ({resampled}{ess}): {verdict(k, attrs.get('guide', ''))}"
+
+
 def format_summary(idata: az.InferenceData, population_only: bool = False) -> str:
     """The summary table with a header naming the run, and diagnostics for samplers."""
     attrs = idata.posterior.attrs
@@ -104,4 +118,7 @@ def format_summary(idata: az.InferenceData, population_only: bool = False) -> st
                         if attrs.get("specimen_sd_ratios") else ""))
     table = summary_table(idata, population_only)
     with pd.option_context("display.max_rows", None, "display.width", 120):
-        return "\n".join([*lines, table.to_string(), *diagnostics(idata, table)])
+        lines = [*lines, table.to_string(), *diagnostics(idata, table)]
+    if "pareto_k" in attrs:
+        lines.append(trust_line(attrs))
+    return "\n".join(lines)

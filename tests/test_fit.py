@@ -30,16 +30,22 @@ QUICK_MAP = MAPConfig(iterations=8)
 @pytest.fixture(scope="module")
 def small_fit(small_problem):
     experiments, _ = small_problem
-    return fit(load_card(CARD), experiments, config=QUICK, map_config=QUICK_MAP, draws=40, seed=3,
-               progress=False,
-               command="bayescal fit test")
+    return fit(load_card(CARD), experiments, method="svi", config=QUICK, map_config=QUICK_MAP,
+               draws=40, seed=3, progress=False, command="bayescal fit test")
 
 
 def test_export_contract_field_by_field(small_fit, small_problem):
     experiments, _ = small_problem
     idata = small_fit
     assert set(idata.groups()) == {"posterior", "posterior_predictive", "log_likelihood",
-                                   "observed_data", "constant_data"}
+                                   "observed_data", "constant_data", "sample_stats"}
+    # an approximation's check: k-hat, and each stored draw's log ratio and smoothed weight
+    assert set(idata.sample_stats.data_vars) == {"log_ratio", "log_weight"}
+    assert idata.sample_stats["log_weight"].dims == ("chain", "draw")
+    assert idata.sample_stats["log_weight"].shape == (1, 40)
+    assert np.isfinite(idata.posterior.attrs["pareto_k"])
+    assert idata.posterior.attrs["importance_resampled"] == int(
+        idata.posterior.attrs["pareto_k"] < 0.7)
     post = idata.posterior
     names = ["sy", "Rinf", "d", "eta"]
     expected = {n for n in names} | {f"{n}_pop_{s}" for n in names
@@ -87,9 +93,8 @@ def test_log_likelihood_is_the_sum_over_steps(small_fit, small_problem):
 
 def test_same_seed_same_numbers(small_problem, small_fit):
     experiments, _ = small_problem
-    again = fit(load_card(CARD), experiments, config=QUICK, map_config=QUICK_MAP, draws=40, seed=3,
-               progress=False,
-                command="bayescal fit test")
+    again = fit(load_card(CARD), experiments, method="svi", config=QUICK, map_config=QUICK_MAP,
+                draws=40, seed=3, progress=False, command="bayescal fit test")
     for name in ("sy", "sy_pop_mean", "noise_sd"):
         np.testing.assert_array_equal(again.posterior[name].values, small_fit.posterior[name].values)
 
@@ -109,9 +114,8 @@ def test_resume_continues_from_checkpoint_and_keeps_old_posterior(tmp_path, smal
     spec = load_card(CARD)
     out = tmp_path / "fit"
     config = dataclasses.replace(QUICK, steps=40, min_steps=40, checkpoint_every=10)
-    first = fit_to_directory(spec, experiments, out, figures=False, config=config,
-                             map_config=QUICK_MAP, draws=10,
-                             progress=False)
+    first = fit_to_directory(spec, experiments, out, figures=False, method="svi", config=config,
+                             map_config=QUICK_MAP, draws=10, progress=False)
     before = (out / "posterior.nc").read_bytes()
 
     # A killed run: interrupt the SVI stage after 25 steps; checkpoints exist at 10 and 20.
@@ -129,16 +133,16 @@ def test_resume_continues_from_checkpoint_and_keeps_old_posterior(tmp_path, smal
     svi.Trace_ELBO.differentiable_loss = dying
     try:
         with pytest.raises(KeyboardInterrupt):
-            fit_to_directory(spec, experiments, out, figures=False, config=config,
-                             map_config=QUICK_MAP, draws=10,
-                             progress=False, seed=1)
+            fit_to_directory(spec, experiments, out, figures=False, method="svi",
+                             config=config, map_config=QUICK_MAP, draws=10, progress=False,
+                             seed=1)
     finally:
         svi.Trace_ELBO.differentiable_loss = original
     assert (out / "posterior.nc").read_bytes() == before, "a killed run changed posterior.nc"
 
-    resumed = fit_to_directory(spec, experiments, out, figures=False, config=config,
-                             map_config=QUICK_MAP, draws=10,
-                               progress=False, seed=1, resume=True)
+    resumed = fit_to_directory(spec, experiments, out, figures=False, method="svi",
+                               config=config, map_config=QUICK_MAP, draws=10, progress=False,
+                               seed=1, resume=True)
     map_evals = len(first.posterior.attrs["log_joint_map"])
     assert resumed.posterior.attrs["resumed_from"] == map_evals + 20
     assert resumed.posterior.attrs["steps"] == map_evals + 40
@@ -151,8 +155,8 @@ def test_recovery_and_coverage_mvn():
     5%, noise within 30%, and the 90% intervals of the specimen values cover at least 75% of
     the truths."""
     experiments, truth = synthetic(12, seed=11)
-    idata = fit(load_card(CARD), experiments, config=SVIConfig(guide="mvn"), draws=400, seed=0,
-                progress=False)
+    idata = fit(load_card(CARD), experiments, method="svi", config=SVIConfig(guide="mvn"),
+                draws=400, seed=0, progress=False)
     post = idata.posterior
     inside = []
     for name, mean in TRUE_MEANS.items():
