@@ -53,7 +53,7 @@ def band_panels(names, strain: np.ndarray, lo: np.ndarray, mid: np.ndarray, hi: 
     extra = f" (first {MAX_PANELS} of {len(names)})" if len(names) > MAX_PANELS else ""
     fig.suptitle(title + extra)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
 
 
 def plot_bands(idata, path: Path, title: str = "Data and posterior-predictive 90% band") -> None:
@@ -92,7 +92,7 @@ def plot_bands_by_label(idata, label: str, path: Path) -> None:
     axes[0].set_ylabel("stress (MPa)")
     fig.suptitle(f"Data (dots), posterior-predictive medians (lines) and 90% bands by {label}")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
 
 
 def plot_prediction(prediction, path: Path) -> None:
@@ -122,9 +122,10 @@ def plot_elbo(idata, path: Path) -> None:
     ax.set_xlabel("evaluation")
     ax.set_ylabel("log joint / ELBO")
     ax.grid(alpha=0.3)
-    ax.legend()
+    if offset:  # a sampler's run has no optimisation history to show
+        ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
 
 
 def _prior_samples(spec: ModelSpec, name: str, n: int = 20000) -> np.ndarray:
@@ -171,7 +172,7 @@ def plot_population(idata, spec: ModelSpec, path: Path) -> None:
                      "noise_sd (MPa)")
     fig.suptitle("Population: prior (line) vs posterior (histogram)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
 
 
 def write_fit_figures(idata, spec: ModelSpec, out: Path) -> list[Path]:
