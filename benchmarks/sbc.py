@@ -143,7 +143,7 @@ def draw_problem(spec, blank: Experiments, seed: int):
     """Truth and data from the model's prior, seeded; a draw the solver cannot integrate is
     replaced by the next seed (counted). Returns (experiments, truth by variable name,
     redraws)."""
-    h = Hierarchy(spec, blank, warm_start=False)
+    h = Hierarchy(spec, blank)
     for attempt in range(100):
         pyro.set_rng_seed(10_000 * seed + attempt)
         try:
