@@ -82,7 +82,7 @@ def main() -> None:
         synthetic = simulate_experiments(spec, read_simulation_load(LOAD, n), seed=0,
                                          noise_sd=NOISE)
         start = time.perf_counter()
-        h = Hierarchy(spec, synthetic.experiments, warm_start=False)
+        h = Hierarchy(spec, synthetic.experiments)
         plan_s = time.perf_counter() - start
         grad_s = gradient_time(h, synthetic.parameters, NOISE, args.repeats)
         fit_s = math.nan
