@@ -56,7 +56,7 @@ def gradient_time(h: Hierarchy, truth: dict[str, torch.Tensor], noise: float,
         values = {k: v.clone().requires_grad_(k in h.spec.calibrated) for k, v in truth.items()
                   if k in h.spec.calibrated}
         start = time.perf_counter()
-        stress = h.simulate(values)
+        stress, _ = h.solve_stress(values)
         loglik = torch.distributions.Normal(stress, noise).log_prob(observed)
         torch.where(exp.mask.T, loglik, 0.0).sum().backward()
         if i:  # the first is a warm-up
