@@ -109,7 +109,7 @@ def test_log_ratios_of_the_model_are_the_densities_of_the_packed_vector(laplace_
     h, guide = laplace_fit.hierarchy, laplace_fit.guide
     packing = Packing(h, initial_values(h))
     latents = sample_guide(h, guide, 6, seed=2)
-    u = importance.pack(packing, latents)
+    u = packing.pack(latents)
     back = unpack_draws(h, packing, u)
     for name, value in latents.items():
         torch.testing.assert_close(back[name], value, rtol=1e-12, atol=1e-12)
@@ -131,7 +131,7 @@ def test_mean_field_normal_guide_has_its_own_density(laplace_fit):
     u_map, covariance = laplace_fit.state.u_map, laplace_fit.state.covariance
     guide = make_guide(h, "normal", packing, u_map, covariance)
     latents = sample_guide(h, guide, 5, seed=4)
-    u = importance.pack(packing, latents)
+    u = packing.pack(latents)
     expected = torch.distributions.Normal(u_map, covariance.diagonal().sqrt()).log_prob(u).sum(-1)
     torch.testing.assert_close(importance.guide_log_density(guide, packing, u), expected,
                                rtol=1e-9, atol=1e-9)

@@ -30,7 +30,6 @@ from dataclasses import dataclass
 import numpy as np
 import pyro
 import torch
-from pyro.distributions.transforms import biject_to
 from pyro.infer.autoguide import AutoContinuous, AutoNormal
 
 from bayescal.arviz_import import az
@@ -55,19 +54,6 @@ class ImportanceCheck:
     def ess(self) -> float:
         """Effective sample size of the smoothed weights, ``1 / sum w^2``."""
         return float(1.0 / np.exp(2 * self.log_weight).sum())
-
-
-def pack(packing, latents: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Rows of the packed unconstrained vector (draw, dim) for latent draws shaped as
-    :func:`~bayescal.inference.draws.sample_guide` gives them: the inverse of
-    :func:`~bayescal.inference.draws.unpack_draws`."""
-    n = latents["noise_sd"].shape[0]
-    where = packing.slices()
-    u = torch.empty(n, packing.dim, dtype=torch.float64)
-    for site in packing.sites:
-        value = latents[site.name].reshape(n, -1).to(torch.float64)
-        u[:, where[site.name]] = biject_to(site.support).inv(value)
-    return u
 
 
 def guide_log_density(guide, packing, u: torch.Tensor) -> torch.Tensor:
@@ -124,7 +110,7 @@ def check_approximation(packing, guide, latents: dict[str, torch.Tensor],
                         max_batch: int = 8192) -> ImportanceCheck:
     """Log ratios, smoothed weights and k-hat of ``guide``'s draws ``latents`` (shaped as
     :func:`~bayescal.inference.draws.sample_guide` gives them) on ``packing``'s model."""
-    u = pack(packing, latents)
+    u = packing.pack(latents)
     log_ratio = (log_joint(packing, u, max_batch) - guide_log_density(guide, packing, u)).numpy()
     log_weight, k = pareto_smooth(log_ratio)
     return ImportanceCheck(log_ratio=log_ratio, log_weight=log_weight, pareto_k=k,

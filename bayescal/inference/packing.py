@@ -171,6 +171,14 @@ class Packing:
             u[:, offset] = z_dev / (k * cv)
         return u
 
+    def pack(self, latents: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Rows of the packed vector (draw, dim) for latent draws with a leading draw
+        dimension (as :func:`~bayescal.inference.draws.sample_guide` gives them): the
+        inverse of :meth:`constrain`."""
+        n = latents["noise_sd"].shape[0]
+        return torch.cat([biject_to(site.support).inv(
+            latents[site.name].reshape(n, -1).to(torch.float64)) for site in self.sites], -1)
+
     def unpack(self, u: torch.Tensor) -> dict[str, torch.Tensor]:
         """Rows of ``u`` (B, dim) split into the sites' unconstrained values ``(B, *shape)``."""
         return {site.name: u[:, site.start:site.stop].reshape(u.shape[0], *site.shape)
