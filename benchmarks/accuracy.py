@@ -204,6 +204,13 @@ def figure(rows, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def row_line(r: dict) -> str:
+    """One row of the table."""
+    label = f"{r['value']}/{4 * r['value']}" if r["mode"] == "fixed" else f"tol {r['value']:g}"
+    return (f"{r['model']:<13} {r['scheme']:<15} {label:<12} {r['steps']:>6} {r['rms']:>9.3g} "
+            f"{r['max']:>9.3g} {r['gradient_s']:>8.3f} {r['plan_s']:>7.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true")
@@ -221,6 +228,8 @@ def main() -> None:
     header = (f"{'model':<13} {'scheme':<15} {'setting':<12} {'steps':>6} {'rms MPa':>9} "
               f"{'max MPa':>9} {'grad s':>8} {'plan s':>7}")
     print(header)
+    for r in rows:  # the saved rows (--summarise)
+        print(row_line(r))
     for name in PATHS if saved is None else ():
         spec, model, params, time_, strain = problem(name)
         exact = reference(name, params, time_, strain)
@@ -230,9 +239,7 @@ def main() -> None:
             r = run_setting(name, spec, model, params, time_, strain, exact, scheme, mode,
                             value, args.repeats)
             rows.append(r)
-            label = f"{value}/{4 * value}" if mode == "fixed" else f"tol {value:g}"
-            print(f"{name:<13} {scheme:<15} {label:<12} {r['steps']:>6} {r['rms']:>9.3g} "
-                  f"{r['max']:>9.3g} {r['gradient_s']:>8.3f} {r['plan_s']:>7.2f}", flush=True)
+            print(row_line(r), flush=True)
     summary = comparisons(rows)
     print("\ndefault (radau-iia, tolerance 0.05 MPa) against backward Euler:")
     for c in summary:
