@@ -27,7 +27,7 @@ from bayescal.hierarchy import Hierarchy
 from bayescal.inference.accuracy import integration_report, map_parameters, replan_at_map
 from bayescal.inference.draws import (posterior_draws, predictive_and_loglik, sample_guide,
                                       unpack_draws)
-from bayescal.inference.importance import check_approximation, correct
+from bayescal.inference.importance import centered_caution, check_approximation, correct
 from bayescal.inference.nuts import NUTSConfig, run_nuts
 from bayescal.inference.laplace import MAPConfig
 from bayescal.inference.packing import Packing, initial_values
@@ -235,6 +235,8 @@ def fit(spec: ModelSpec, experiments: Experiments, method: str = "laplace",
         }
         sample_stats = None
         if config.guide != "delta":
+            if h.centered:
+                notes += _warn([centered_caution(method, h.centered)])
             check = check_approximation(Packing(h, initial_values(h)), result.guide, latents)
             latents, checked, sample_stats = correct(latents, check, seed, importance)
             run_attrs.update(checked)

@@ -121,4 +121,9 @@ def format_summary(idata: az.InferenceData, population_only: bool = False) -> st
         lines = [*lines, table.to_string(), *diagnostics(idata, table)]
     if "pareto_k" in attrs:
         lines.append(trust_line(attrs))
+        if attrs.get("centered"):
+            from bayescal.inference.importance import centered_caution
+
+            lines.append(centered_caution(attrs.get("method", "?"),
+                                          str(attrs["centered"]).split(",")))
     return "\n".join(lines)

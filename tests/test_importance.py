@@ -11,6 +11,7 @@ import torch
 from bayescal.card import load_card
 from bayescal.cli import main
 from bayescal.check import informative_path
+from bayescal.errors import BayescalWarning
 from bayescal.fit import fit
 from bayescal.hierarchy import Hierarchy
 from bayescal.inference import importance
@@ -153,6 +154,22 @@ def test_fit_stores_k_hat_weights_and_a_verdict(capsys):
     text = format_summary(idata)
     assert f"Pareto k-hat {attrs['pareto_k']:.2f} (stored draws not resampled" in text
     assert "unreliable" in text and "--method nuts" in text
+
+
+def test_centered_gaussian_approximation_is_flagged_in_fit_and_summary():
+    """A Laplace fit of centered specimen values: k-hat may pass while the specimens'
+    intervals are too narrow (benchmarks/heldout.py), so fit warns and summary says so."""
+    experiments, _ = synthetic(3, seed=5, points_per_segment=8)
+    caution = ("laplace with centered specimen values (Rinf, d, eta, sy): a Gaussian at the "
+               "centered mode pulls the specimens toward their population, so their intervals "
+               "are too narrow, and k-hat does not show it; drop --centered (laplace and svi "
+               "work non-centered by default) or use --method nuts")
+    with pytest.warns(BayescalWarning) as caught:
+        idata = fit(load_card(CARD), experiments, method="laplace", centered=True,
+                    map_config=MAPConfig(iterations=20), draws=100, seed=1, progress=False)
+    assert caution in [str(w.message) for w in caught]
+    assert caution in idata.posterior.attrs["warnings"].split("\n")
+    assert format_summary(idata).splitlines()[-1] == caution
 
 
 @pytest.mark.slow

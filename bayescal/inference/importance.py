@@ -25,6 +25,7 @@ mass that ``q`` never proposed, which is why larger ``k`` asks for a better appr
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -144,6 +145,19 @@ def verdict(k: float, guide: str = "") -> str:
         "the full-rank guide (--guide mvn) or, better, --method nuts"
     return ("unreliable: the approximation does not match the posterior (its intervals may be "
             f"too narrow, most often for the population spreads); refit with {better}")
+
+
+def centered_caution(method: str, centered: Iterable[str]) -> str:
+    """The caution for a Gaussian approximation (laplace, svi) of centered specimen values.
+
+    There the joint mode pulls the specimens toward their population (the funnel's neck), so
+    the specimen intervals come out too narrow, and k-hat does not show it: the Gaussian
+    fits the posterior well near that mode, where its draws are (benchmarks/heldout.py).
+    """
+    return (f"{method} with centered specimen values ({', '.join(sorted(centered))}): a "
+            "Gaussian at the centered mode pulls the specimens toward their population, so "
+            "their intervals are too narrow, and k-hat does not show it; drop --centered "
+            "(laplace and svi work non-centered by default) or use --method nuts")
 
 
 def correct(latents: dict[str, torch.Tensor], check: ImportanceCheck, seed: int,
