@@ -168,10 +168,15 @@ def draw_problem(spec, blank: Experiments, seed: int):
     raise RuntimeError(f"seed {seed}: no prior draw the solver could integrate")
 
 
-def level_of(name: str) -> str:
+def level_of(name: str) -> str | None:
+    """The level a recorded quantity is scored at; None for quantities outside the documented
+    set (early records also stored the unconstrained ``_pop_loc`` and ``_pop_scale``, which
+    would otherwise be pooled with the population means and sds of only some replications)."""
     if name == "noise_sd":
         return "noise"
-    return "population" if "_pop_" in name else "specimen"
+    if "_pop_" in name:
+        return "population" if name.endswith(("_pop_mean", "_pop_sd")) else None
+    return "specimen"
 
 
 def fractions_below(draws: np.ndarray, truth: np.ndarray, weights: np.ndarray) -> np.ndarray:
