@@ -69,3 +69,17 @@ def test_short_sbc_run_writes_table_and_figure(tmp_path):
     # resuming adds nothing
     assert sbc.main(["--methods", "laplace", "--reps", "3", "--out", str(out)]) == 0
     assert len(json.loads(out.read_text())) == 3
+
+
+def test_only_the_documented_quantities_are_scored():
+    """Population means and sds, specimen values and the noise are scored; the unconstrained
+    location and scale that early records also stored are not (they exist in only some
+    replications and would weigh those more)."""
+    assert [sbc.level_of(n) for n in ("sy_pop_mean", "Rinf_pop_sd", "sy", "noise_sd")] == [
+        "population", "population", "specimen", "noise"]
+    assert sbc.level_of("sy_pop_loc") is None and sbc.level_of("Rinf_pop_scale") is None
+    scored = {"sy_pop_mean": [0.5], "sy_pop_loc": [0.99], "sy": [0.5], "noise_sd": [0.5]}
+    _, rows = sbc.summarise([{"method": "laplace", "rep": 0, "seconds": 1.0, "pareto_k": 0.3,
+                              "raw": scored, "stored": scored}])
+    population = next(r for r in rows if r["level"] == "population")
+    assert population["values"] == 1 and population["cover90"] == 1.0
