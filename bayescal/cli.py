@@ -591,7 +591,7 @@ def _check_predict_workers(workers: int, args: argparse.Namespace) -> None:
     """Every worker of a prediction needs at least one draw to solve."""
     if workers < 1:
         raise BadInput(f"--workers must be at least 1, got {workers}")
-    if workers > args.draws:
+    if 1 <= args.draws < workers:  # (a bad --draws is reported by predict itself)
         raise BadInput(f"--workers {workers}: more workers than draws ({args.draws}); each "
                        "worker needs at least one draw")
 
