@@ -94,6 +94,39 @@ def _device_option(parser: argparse.ArgumentParser) -> None:
                         help="where the integration runs (default: cpu)")
 
 
+def _workers_option(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--workers``, offered by the commands that can shard their solves (fit, predict)."""
+    parser.add_argument("--workers", type=int, default=1, metavar="K",
+                        help=f"local processes sharing the {what}, one rank each over "
+                             "torch.distributed (gloo); under torchrun or srun the launcher's "
+                             "ranks are used instead (default: 1; docs/scaling.md)")
+
+
+def _distributed(args: argparse.Namespace, check) -> tuple[object, bool]:
+    """``(communicator, launched)`` of a command that can run on several ranks: a
+    communicator when this process is one rank of a job (torchrun, srun, or a worker of
+    ``--workers``), None for one process; ``launched`` when ``--workers K`` (K > 1) asks for
+    local workers, which :func:`_launch` starts. ``check(k)`` validates a worker count
+    against the input (``count`` items to share)."""
+    from bayescal.distributed import from_environment, world_from_environment
+
+    placed = world_from_environment()
+    if placed is None:
+        check(args.workers)
+        return None, args.workers > 1
+    if args.workers not in (1, placed[1]):
+        raise BadInput(f"--workers {args.workers}: this process is one of {placed[1]} ranks "
+                       "started by a launcher (torchrun, srun); give --workers only without one")
+    check(placed[1])
+    return from_environment(), False
+
+
+def _launch(args: argparse.Namespace) -> int:
+    from bayescal.workers import launch
+
+    return launch(args.argv, args.workers)
+
+
 def _device(args: argparse.Namespace):
     import torch
 
@@ -281,6 +314,7 @@ def _fit_options(parser: argparse.ArgumentParser) -> None:
                              "their Pareto-smoothed importance weights (laplace and svi resample "
                              "by default when Pareto k-hat < 0.7)")
     parser.add_argument("--no-figures", action="store_true", help="skip the figures")
+    _workers_option(parser, "specimens' solves")
     parser.add_argument("--out", metavar="DIR", required=True, help="output directory")
 
 
@@ -289,7 +323,8 @@ def _run_fit(args: argparse.Namespace) -> int:
 
     from bayescal.card import load_card
     from bayescal.data import read_experiments
-    from bayescal.fit import check_draws, fit_to_directory
+    from bayescal.distributed import shutdown
+    from bayescal.fit import check_draws, check_workers, fit_to_directory
     from bayescal.summary import trust_line
     from bayescal.inference.nuts import NUTSConfig
     from bayescal.inference.svi import SVIConfig
@@ -317,10 +352,14 @@ def _run_fit(args: argparse.Namespace) -> int:
                          max_tree_depth=args.max_tree_depth, target_accept=args.target_accept,
                          init=args.init, dense=args.dense_mass)
     check_draws(args.draws)
+    comm, launched = _distributed(args, lambda k: check_workers(k, experiments))
+    if launched:
+        return _launch(args)
     idata = fit_to_directory(spec, experiments, out, figures=not args.no_figures, method=args.method,
                              config=config, draws=args.draws, seed=args.seed,
                              centered=args.centered, resume=args.resume, command=args.command_line,
-                             nuts=sampler, importance=not args.no_importance)
+                             nuts=sampler, importance=not args.no_importance, comm=comm)
+    shutdown(comm)
     attrs = idata.posterior.attrs
     if args.method == "nuts":
         print(f"wrote {out / 'posterior.nc'} (nuts, {args.chains} chains x {args.samples} draws "
@@ -507,12 +546,14 @@ def _add_predict(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--card", metavar="CARD",
                         help="model card (default: the card stored with the posterior)")
     parser.add_argument("--no-figures", action="store_true", help="skip the figure")
+    _workers_option(parser, "draws' solves")
     parser.add_argument("--out", metavar="DIR", required=True, help="output directory")
     return parser
 
 
 def _run_predict(args: argparse.Namespace) -> int:
     from bayescal.data import has_specimen_column, read_load_path
+    from bayescal.distributed import shutdown
     from bayescal.fit import package_versions
     from bayescal.output import prepare_output_folder
     from bayescal.predict import load_for_prediction, predict_to_directory
@@ -525,13 +566,18 @@ def _run_predict(args: argparse.Namespace) -> int:
     load = read_load_path(args.load)
     if args.fitted and not has_specimen_column(args.load):  # one path for every fitted specimen
         load = read_load_path(args.load, specimens=fitted)
+    comm, launched = _distributed(args, lambda k: _check_predict_workers(k, args))
+    if launched:
+        return _launch(args)
     attrs = {"posterior": str(args.posterior), "method": idata.posterior.attrs.get("method", ""),
              "seed": args.seed, "draws": args.draws, "command": args.command_line,
              "versions": package_versions()}
     prediction = predict_to_directory(idata, load, out, attrs=attrs,
                                       figures=not args.no_figures, draws=args.draws,
                                       fitted=args.fitted, seed=args.seed,
-                                      noise=not args.no_noise, spec=spec, progress=True)
+                                      noise=not args.no_noise, spec=spec, progress=True,
+                                      comm=comm)
+    shutdown(comm)
     for note in prediction.notes:
         print(f"note: {note}")
     kind = "fitted specimens" if args.fitted else "new specimens"
@@ -539,6 +585,15 @@ def _run_predict(args: argparse.Namespace) -> int:
           + ("" if args.no_figures else f", {out / 'bands.png'}")
           + f" ({args.draws} draws, {kind}, {load.n_specimens} paths)")
     return 0
+
+
+def _check_predict_workers(workers: int, args: argparse.Namespace) -> None:
+    """Every worker of a prediction needs at least one draw to solve."""
+    if workers < 1:
+        raise BadInput(f"--workers must be at least 1, got {workers}")
+    if 1 <= args.draws < workers:  # (a bad --draws is reported by predict itself)
+        raise BadInput(f"--workers {workers}: more workers than draws ({args.draws}); each "
+                       "worker needs at least one draw")
 
 
 # ---------------------------------------------------------------------------------- registry
@@ -601,7 +656,11 @@ def _main(argv: Sequence[str] | None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help, or a usage error (argparse printed it)
         return exc.code if isinstance(exc.code, int) else 2
-    args.command_line = shlex.join([PROG, *(sys.argv[1:] if argv is None else argv)])
+    args.argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
+    args.command_line = shlex.join([PROG, *args.argv])
+    if _rank() not in (None, 0):  # one of several ranks: rank 0 alone talks to the user
+        sys.stdout = open(os.devnull, "w")
+        warnings.simplefilter("ignore", BayescalWarning)
     try:
         if args.threads < 1:
             raise BadInput(f"--threads must be at least 1, got {args.threads}")
@@ -622,12 +681,39 @@ def _main(argv: Sequence[str] | None) -> int:
     except Exception as exc:
         if args.debug:
             raise
-        _error(f"{type(exc).__name__}: {exc} (rerun with --debug for the traceback)")
+        _error(f"{type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
+               peer=_peer_failure(exc))
         return 1
 
 
-def _error(message: str) -> None:
-    """One line on stderr."""
+def _rank() -> int | None:
+    """This process's rank when it is one of several (torchrun, srun, --workers), else None
+    (imports no torch)."""
+    for name in ("RANK", "SLURM_PROCID"):
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name])
+    return None
+
+
+def _peer_failure(exc: BaseException) -> bool:
+    """Whether an error is a collective operation failing because another rank stopped (its
+    connection closed): then that rank's error is the one to report."""
+    text = str(exc)
+    return "gloo" in text or "Connection closed by peer" in text or \
+        type(exc).__name__ in ("DistError", "DistBackendError", "DistNetworkError")
+
+
+def _error(message: str, peer: bool = False) -> None:
+    """One line on stderr; a worker of ``--workers`` writes it to its error file instead,
+    for the launcher to report once (:mod:`bayescal.workers`)."""
+    path = os.environ.get("BAYESCAL_ERROR_FILE")
+    if path:
+        try:
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(("(peer) " if peer else "") + _one_line(message) + "\n")
+            return
+        except OSError:
+            pass
     print(f"{PROG}: error: {_one_line(message)}", file=sys.stderr)
 
 

@@ -21,6 +21,7 @@ import torch
 
 from bayescal.card import ModelSpec
 from bayescal.data import Experiments
+from bayescal.distributed import Communicator
 from bayescal.errors import BayescalWarning, InvalidSetting
 from bayescal.export import build_inference_data, population_names, write_netcdf
 from bayescal.hierarchy import Hierarchy
@@ -152,13 +153,23 @@ def check_draws(draws: int) -> None:
         raise InvalidSetting("draws", f"must be at least 1, got {draws}")
 
 
+def check_workers(workers: int, experiments: Experiments) -> None:
+    """Every worker (rank) needs at least one specimen to solve."""
+    if workers < 1:
+        raise InvalidSetting("workers", f"must be at least 1, got {workers}")
+    if workers > experiments.n_specimens:
+        raise InvalidSetting("workers", f"{workers}: more workers than specimens "
+                             f"({experiments.n_specimens} in {experiments.source}); each "
+                             "worker needs at least one specimen")
+
+
 def fit(spec: ModelSpec, experiments: Experiments, method: str = "laplace",
         config: SVIConfig = SVIConfig(), draws: int = 1000, seed: int = 0,
         centered: bool | Iterable[str] | None = None, checkpoint: Path | None = None,
         resume: bool = False,
         progress: bool = True, command: str = "",
         nuts: NUTSConfig = NUTSConfig(), map_config: MAPConfig = MAPConfig(),
-        importance: bool = True) -> az.InferenceData:
+        importance: bool = True, comm: Communicator | None = None) -> az.InferenceData:
     """Calibrate ``spec`` against ``experiments`` and return the posterior as InferenceData.
 
     The default method, the full-rank Laplace approximation, is the one that
@@ -174,11 +185,17 @@ def fit(spec: ModelSpec, experiments: Experiments, method: str = "laplace",
     checked on its draws (Pareto k-hat of the importance ratios,
     :mod:`bayescal.inference.importance`) and, with ``importance`` and k-hat below 0.7,
     stored resampled with the smoothed weights.
+
+    ``comm`` (:mod:`bayescal.distributed`): this process is one rank of several, each
+    solving a shard of the specimens; every rank returns the same InferenceData, and only
+    the writer (rank 0) shows progress or writes checkpoints.
     """
     if method not in METHODS:
         raise InvalidSetting("method", f"{method!r} is unknown; choose one of "
                              f"{', '.join(METHODS)}")
     check_draws(draws)
+    check_workers(1 if comm is None else comm.world, experiments)
+    progress = progress and (comm is None or comm.writer)
     if method == "map":
         config = replace(config, guide="delta")
     elif method == "laplace" and config.guide == "delta":
@@ -186,7 +203,8 @@ def fit(spec: ModelSpec, experiments: Experiments, method: str = "laplace",
                              "normal, lowrank or mvn")
     start = time.perf_counter()
     notes = _warn(data_warnings(experiments))
-    h = Hierarchy(spec, experiments, centered=bool(centered) if centered is None else centered)
+    h = Hierarchy(spec, experiments, centered=bool(centered) if centered is None else centered,
+                  comm=comm)
     fingerprint = run_fingerprint(spec, experiments, method, config.guide, seed, centered)
     if method == "nuts":
         sampled = run_nuts(h, nuts, config, seed=seed, progress=progress, map_config=map_config,
@@ -298,8 +316,14 @@ def fit(spec: ModelSpec, experiments: Experiments, method: str = "laplace",
 def fit_to_directory(spec: ModelSpec, experiments: Experiments, out: Path, *,
                      figures: bool = True, **kwargs) -> az.InferenceData:
     """:func:`fit`, then write ``out/posterior.nc`` (atomically) and figures into ``out``,
-    holding the folder's lock (:class:`~bayescal.output.FolderLock`) throughout."""
+    holding the folder's lock (:class:`~bayescal.output.FolderLock`) throughout.
+
+    On several ranks (``comm``) every rank fits, reading ``out``'s checkpoints on
+    ``resume``, but only rank 0 holds the lock and writes."""
     out = Path(out)
+    comm = kwargs.get("comm")
+    if comm is not None and not comm.writer:
+        return fit(spec, experiments, checkpoint=out / "checkpoint.pt", **kwargs)
     with FolderLock(out):
         idata = fit(spec, experiments, checkpoint=out / "checkpoint.pt", **kwargs)
         write_netcdf(idata, out / "posterior.nc")

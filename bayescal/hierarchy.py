@@ -36,6 +36,7 @@ from pyro import poutine
 
 from bayescal.card import ModelSpec, load_model
 from bayescal.data import Experiments
+from bayescal.distributed import Communicator, Shard
 from bayescal.material import Integrable
 from bayescal.integrate import (SolverOptions, SolveReport, SubstepPlan, fixed_substeps,
                                integrate, plan_substeps, refine)
@@ -142,12 +143,20 @@ class Hierarchy:
     ``substeps`` (integration steps per recorded interval) fixes the grid; by default it is
     the options' fixed counts, or planned from their tolerance over the prior population
     (:func:`plan_integration`). Nothing about the instance changes after construction.
+
+    ``comm`` (:class:`~bayescal.distributed.Communicator`), when the fit runs on several
+    ranks: this rank solves only its shard of the specimens (``self.shard``, balanced by
+    integration steps), on the shard's own grid (``self.local``, ``self.local_grid``:
+    trimmed to the shard's longest specimen), and the likelihood and solve reports are
+    summed over ranks (:mod:`bayescal.distributed`), so that every rank sees the same model.
+    Without it (one process) nothing of that runs.
     """
 
     def __init__(self, spec: ModelSpec, experiments: Experiments,
                  options: SolverOptions | None = None,
                  centered: bool | Iterable[str] = False,
-                 compile: bool | None = None, substeps: torch.Tensor | None = None) -> None:
+                 compile: bool | None = None, substeps: torch.Tensor | None = None,
+                 comm: Communicator | None = None) -> None:
         self.spec = spec
         self.model: Integrable = load_model(spec, compile)
         self.experiments = experiments
@@ -161,6 +170,16 @@ class Hierarchy:
         self.substeps = substeps
         self.grid = refine(experiments.time, experiments.strain, substeps,
                            experiments.temperature)
+        self.comm = comm
+        self.shard: Shard | None = None
+        if comm is not None:
+            # a specimen costs the integration steps up to its last recorded point
+            costs = [int(self.grid.recorded[n - 1]) + 1 for n in experiments.n_points]
+            self.shard = comm.shard(costs)
+            self.local = experiments.select([experiments.specimens[j]
+                                             for j in self.shard.index.tolist()])
+            self.local_grid = refine(self.local.time, self.local.strain,
+                                     substeps[:self.local.n_steps - 1], self.local.temperature)
 
     @property
     def non_centered(self) -> tuple[str, ...]:
@@ -171,7 +190,8 @@ class Hierarchy:
                   centered: bool | Iterable[str] | None = None) -> "Hierarchy":
         """The same model and data on another integration grid (and parameterisation)."""
         return Hierarchy(self.spec, self.experiments, self.options,
-                         self.centered if centered is None else centered, substeps=substeps)
+                         self.centered if centered is None else centered, substeps=substeps,
+                         comm=self.comm)
 
     # -- priors -----------------------------------------------------------------------
     def prior_z(self, name: str) -> dist.Normal:
@@ -231,22 +251,44 @@ class Hierarchy:
                      solving: Solving | None = None) -> tuple[torch.Tensor, SolveReport]:
         """Stress at recorded points, shape (..., specimen, step), for physical parameter values
         (batched over any leading dimensions), and the solve's report. A failed solve raises
-        :class:`SolverFailure` when ``solving.strict`` (the default), else leaves NaN."""
+        :class:`SolverFailure` when ``solving.strict`` (the default), else leaves NaN.
+
+        On several ranks each solves its shard and the stress is gathered (every rank gets
+        all of it, its gradient flowing back to the rank that solved it)."""
+        if self.shard is not None:
+            local, report = self._solve_shard(values, adjoint, solving)
+            pad = self.experiments.n_steps - local.shape[-1]
+            # padded steps repeat the last recorded point (zero increments): stress stays
+            local = torch.cat([local, local[..., -1:].expand(*local.shape[:-1], pad)], -1)
+            return self.shard.gather(local, dim=-2), report
         solving = solving if solving is not None else Solving()
         n_spec = self.experiments.n_specimens
-        params = {name: torch.as_tensor(p.value, dtype=torch.float64)
-                  for name, p in self.spec.parameters.items() if p.is_fixed}
+        params = self._fixed()
         batch = torch.broadcast_shapes((n_spec,), *(v.shape for v in values.values()))
         flat = {name: v.expand(batch).reshape(-1) for name, v in values.items()}
         params.update(flat)
+        return self._integrate(params, batch, self.grid, adjoint, solving)
+
+    def _fixed(self) -> dict[str, torch.Tensor]:
+        return {name: torch.as_tensor(p.value, dtype=torch.float64)
+                for name, p in self.spec.parameters.items() if p.is_fixed}
+
+    def _integrate(self, params: dict[str, torch.Tensor], batch: torch.Size, grid,
+                   adjoint: bool, solving: Solving, agree=None
+                   ) -> tuple[torch.Tensor, SolveReport]:
+        """Solve the flat batch ``params`` (``batch`` flattened) on ``grid`` repeated over
+        the leading dimensions; stress ``(*batch, step)``. ``agree(report)``, on several
+        ranks, turns this rank's report into the job's (before a failure is raised, so
+        that every rank raises alike)."""
         n_total = int(np.prod(batch))
-        grid = self.grid
-        batched = grid.repeat(n_total // n_spec)
+        batched = grid.repeat(n_total // batch[-1])
         guess = solving.previous if solving.warm_start else None
         if guess is not None and guess.shape[1] != n_total:
             guess = None
         states, report = integrate(self.model, params, batched, self.options, adjoint=adjoint,
                                    guess=guess)
+        if agree is not None:
+            report = agree(report, batch)
         solving.reports.append(report)
         if solving.warm_start and not report.n_failed:
             solving.previous = states.detach()
@@ -254,6 +296,31 @@ class Hierarchy:
             raise SolverFailure(report)
         stress = self.model.stress(states[grid.recorded])  # (step, n_total)
         return stress.T.reshape(*batch, -1), report
+
+    def _solve_shard(self, values: dict[str, torch.Tensor], adjoint: bool = True,
+                     solving: Solving | None = None) -> tuple[torch.Tensor, SolveReport]:
+        """This rank's shard of :meth:`solve_stress`: stress ``(..., shard specimen, shard
+        step)`` on the shard's grid; the report (failures, retries) is the whole job's."""
+        solving = solving if solving is not None else Solving()
+        shard = self.shard
+        batch = torch.broadcast_shapes((shard.n,), *(v.shape for v in values.values()))
+        local = {name: shard.copy_to_shard(v.expand(batch), dim=-1)
+                 for name, v in values.items()}
+        local_batch = torch.Size((*batch[:-1], len(shard.index)))
+        params = self._fixed()
+        params.update({name: v.reshape(-1) for name, v in local.items()})
+        return self._integrate(params, local_batch, self.local_grid, adjoint, solving,
+                               agree=lambda report, b: self._agree(report, b, batch))
+
+    def _agree(self, report: SolveReport, local_batch: torch.Size, batch: torch.Size
+               ) -> SolveReport:
+        """The job's report from this rank's: failed specimens of every shard (in the full
+        batch's layout) and retries summed, in one all-reduce."""
+        failed = report.failed.reshape(local_batch).to(torch.float64)
+        full = failed.new_zeros(batch).index_copy(-1, self.shard.index, failed)
+        summed = self.comm.all_reduce(torch.cat([full.reshape(-1),
+                                                 torch.tensor([float(report.retries)])]))
+        return SolveReport(retries=int(summed[-1]), failed=summed[:-1] > 0, extra=report.extra)
 
     def responses(self, latents: dict[str, torch.Tensor], solving: Solving | None = None):
         """Physical parameters and noise-free stress ``(draw, specimen, step)`` for a batch of
@@ -285,6 +352,9 @@ class Hierarchy:
         plate = self.specimen_plate()
         values = self.sample_parameters(plate)
         noise = self.sample_noise()
+        if observed and self.shard is not None:
+            self._sharded_likelihood(plate, values, noise, solving)
+            return values
         stress, _ = self.solve_stress(values, solving=solving)
         exp = self.experiments
         obs = torch.nan_to_num(exp.stress.T) if observed else None
@@ -292,6 +362,23 @@ class Hierarchy:
             pyro.sample("stress", dist.Normal(stress, noise[..., None]).mask(exp.mask.T)
                         .to_event(1), obs=obs)
         return values
+
+
+    def _sharded_likelihood(self, plate: pyro.plate, values: dict[str, torch.Tensor],
+                            noise: torch.Tensor, solving: Solving | None) -> None:
+        """The observed stress's log likelihood on several ranks: each rank's specimens'
+        terms (the same expression as one process's), gathered per specimen over ranks and
+        entered as the factor ``stress``. The noise enters the shard through
+        ``copy_to_shard`` too, so that its gradient collects every shard's share."""
+        shard, local = self.shard, self.local
+        stress, _ = self._solve_shard(values, solving=solving)
+        prefix = stress.shape[:-2]
+        full_noise = noise.expand(torch.broadcast_shapes(noise.shape, (*prefix, shard.n)))
+        sd = shard.copy_to_shard(full_noise, dim=-1)
+        terms = dist.Normal(stress, sd[..., None]).mask(local.mask.T).to_event(1) \
+            .log_prob(torch.nan_to_num(local.stress.T))
+        with plate:
+            pyro.factor("stress", shard.gather(terms, dim=-1))
 
 
 def draw_specimens(spec: ModelSpec, n: int, seed: int) -> dict[str, torch.Tensor]:

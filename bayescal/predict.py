@@ -31,6 +31,7 @@ from bayescal.arviz_import import az
 
 from bayescal.card import ModelSpec, load_card, load_model, parse_card
 from bayescal.data import Experiments, write_table
+from bayescal.distributed import Communicator
 from bayescal.errors import BadInput, InvalidSetting
 from bayescal.export import POPULATION_SUFFIXES, population_names
 from bayescal.hierarchy import Bounded
@@ -250,9 +251,14 @@ def prediction_substeps(model, options: SolverOptions, parameters: dict[str, tor
 
 
 def propagate(spec: ModelSpec, parameters: dict[str, torch.Tensor], load: Experiments,
-              max_batch: int = 8192, progress: bool = False) -> tuple[torch.Tensor, int]:
+              max_batch: int = 8192, progress: bool = False,
+              comm: Communicator | None = None) -> tuple[torch.Tensor, int]:
     """Noise-free stress ``(draw, path, step)`` for parameters broadcastable to
-    ``(draw, path)``, in batched solves; returns it with the number of failed draws."""
+    ``(draw, path)``, in batched solves; returns it with the number of failed draws.
+
+    On several ranks (``comm``) each solves a share of the draws (a draw's paths all have
+    the same length, so draws are split evenly), and the stress is gathered on every rank;
+    the grid is planned on every rank alike (:func:`prediction_substeps`)."""
     from tqdm.auto import tqdm
 
     model = load_model(spec)
@@ -261,27 +267,39 @@ def propagate(spec: ModelSpec, parameters: dict[str, torch.Tensor], load: Experi
     full = {k: v.reshape(v.shape[0], -1).expand(n, n_paths) for k, v in parameters.items()}
     per_piece = max(1, max_batch // n_paths)
     substeps = prediction_substeps(model, spec.solver, full, load)
+    shard = None if comm is None else comm.shard([1.0] * n)
+    mine = {k: v if shard is None else v[shard.index] for k, v in full.items()}
+    n_mine = next(iter(mine.values())).shape[0]
     pieces = []
-    for start in tqdm(range(0, n, per_piece), disable=not progress, desc="predict",
+    for start in tqdm(range(0, n_mine, per_piece), disable=not progress, desc="predict",
                       unit="batch"):
-        d = min(per_piece, n - start)
-        params = {k: v[start:start + d].reshape(-1) for k, v in full.items()}
+        d = min(per_piece, n_mine - start)
+        params = {k: v[start:start + d].reshape(-1) for k, v in mine.items()}
         temperature = None if load.temperature is None else load.temperature.repeat(1, d)
         stress, _ = simulate(model, params, load.time.repeat(1, d), load.strain.repeat(1, d),
                              spec.solver, adjoint=False, temperature=temperature,
                              substeps=substeps)
         pieces.append(stress.T.reshape(d, n_paths, -1))
     stress = torch.cat(pieces)
+    if shard is not None:
+        stress = shard.gather(stress, dim=0)
     failed = int(torch.isnan(stress).flatten(1).any(-1).sum())
     return torch.where(load.mask.T, stress, torch.nan), failed
 
 
 def predict(idata: az.InferenceData, load: Experiments, draws: int = 500, fitted: bool = False,
             seed: int = 0, noise: bool = True, spec: ModelSpec | None = None,
-            max_batch: int = 8192, progress: bool = False) -> Prediction:
-    """Push ``draws`` posterior draws of ``idata`` through the paths of ``load``."""
+            max_batch: int = 8192, progress: bool = False,
+            comm: Communicator | None = None) -> Prediction:
+    """Push ``draws`` posterior draws of ``idata`` through the paths of ``load``; on
+    several ranks (``comm``), each solving a share of the draws, with the same result on
+    every rank (every rank draws the same random numbers)."""
     if draws < 1:
         raise InvalidSetting("draws", f"must be at least 1, got {draws}")
+    if comm is not None and comm.world > draws:
+        raise InvalidSetting("workers", f"{comm.world}: more workers than draws ({draws}); "
+                             "each worker needs at least one draw")
+    progress = progress and (comm is None or comm.writer)
     spec = spec or card_of(idata)
     generator = torch.Generator().manual_seed(seed)
     available = idata.posterior.sizes["chain"] * idata.posterior.sizes["draw"]
@@ -298,7 +316,7 @@ def predict(idata: az.InferenceData, load: Experiments, draws: int = 500, fitted
         parameters = fitted_specimens(spec, idata, index, load.specimens)
     else:
         parameters = new_specimens(spec, idata, index, generator)
-    stress, failed = propagate(spec, parameters, load, max_batch, progress)
+    stress, failed = propagate(spec, parameters, load, max_batch, progress, comm)
     if noise:
         sd = _stacked(idata, "noise_sd")[index]
         eps = torch.randn(stress.shape, generator=generator, dtype=torch.float64)
@@ -351,11 +369,15 @@ def predict_to_directory(idata: az.InferenceData, load: Experiments, out: Path, 
                          attrs: dict, figures: bool = True, **kwargs) -> Prediction:
     """:func:`predict`, then write ``predictions.nc``, ``bands.csv`` and ``bands.png`` into
     ``out`` (each atomically; no file is written if the prediction fails), holding the
-    folder's lock (:class:`~bayescal.output.FolderLock`) throughout."""
+    folder's lock (:class:`~bayescal.output.FolderLock`) throughout. On several ranks
+    (``comm``) only rank 0 holds the lock and writes."""
     from bayescal.export import write_netcdf
     from bayescal.output import FolderLock
 
     out = Path(out)
+    comm = kwargs.get("comm")
+    if comm is not None and not comm.writer:
+        return predict(idata, load, **kwargs)
     with FolderLock(out):
         prediction = predict(idata, load, **kwargs)
         meta = {**attrs, "kind": "fitted" if prediction.fitted else "population",

@@ -19,8 +19,24 @@ Usage::
     PYTHONPATH=. python benchmarks/scale.py                        # gradients 8..256, fits to 64
     PYTHONPATH=. python benchmarks/scale.py --specimens 8 16 --fit-max 16
 
-Writes ``benchmarks/results/scale.json`` (``--out``). The columns against the number of
-worker processes (issue 12) come with the distributed runs.
+Writes ``benchmarks/results/scale.json`` (``--out``).
+
+Workers (``--workers 1 2``, data parallelism over specimens, docs/scaling.md): the same
+measures on 1 and 2 ranks (local processes over gloo, one thread each), through the path a
+fit takes (the gradient of the model's log joint at its starting point, and the MAP fit):
+
+* **strong scaling**: the same ``n`` specimens (each of ``--specimens``) on 1 and on K
+  ranks; parallel efficiency ``t_1 / (K t_K)``;
+* **weak scaling**: ``--per-worker`` specimens per rank (``K * per_worker`` in all);
+  efficiency ``t_1 / t_K``.
+
+Usage::
+
+    PYTHONPATH=. python benchmarks/scale.py --workers 1 2 --specimens 16 32 --per-worker 8
+
+writes ``benchmarks/results/scale_workers.json`` (``--workers-out``) and prints the table.
+Efficiency below 1 comes from the work every rank repeats (grid planning, the integration
+check, the Newton linear algebra) and from the all-reduces.
 """
 
 from __future__ import annotations
@@ -30,13 +46,16 @@ import json
 import math
 import platform
 import time
+import warnings
 from pathlib import Path
 
 import torch
 
 from bayescal.card import load_card
+from bayescal.errors import BayescalWarning
 from bayescal.fit import fit
 from bayescal.hierarchy import Hierarchy
+from bayescal.inference.packing import Packing, initial_values
 from bayescal.synthetic import read_simulation_load, simulate_experiments
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,6 +83,102 @@ def gradient_time(h: Hierarchy, truth: dict[str, torch.Tensor], noise: float,
     return best
 
 
+def rank_times(card: Path, n: int, repeats: int, do_fit: bool, comm=None) -> dict:
+    """On this rank (``comm``; None: one process): best time of the gradient of the
+    model's log joint at its starting point, and of a MAP fit; the ranks start each timing
+    together."""
+    spec = load_card(card)
+    synthetic = simulate_experiments(spec, read_simulation_load(LOAD, n), seed=0,
+                                     noise_sd=NOISE)
+    h = Hierarchy(spec, synthetic.experiments, comm=comm)
+    packing = Packing(h, initial_values(h))
+    best = math.inf
+    for i in range(repeats + 1):
+        u = packing.u0.clone()[None].requires_grad_(True)
+        if comm is not None:
+            comm.barrier()
+        start = time.perf_counter()
+        packing.log_joint(u).sum().backward()
+        if i:
+            best = min(best, time.perf_counter() - start)
+    fit_s = math.nan
+    if do_fit:
+        if comm is not None:
+            comm.barrier()
+        start = time.perf_counter()
+        with warnings.catch_warnings():  # the fit's advice is not the benchmark's concern
+            warnings.simplefilter("ignore", BayescalWarning)
+            fit(spec, synthetic.experiments, method="map", progress=False, comm=comm)
+        fit_s = time.perf_counter() - start
+    return {"gradient_s": best, "map_fit_s": fit_s}
+
+
+def _rank(rank: int, world: int, port: int, card: Path, n: int, repeats: int, do_fit: bool,
+          queue) -> None:
+    import os
+
+    from bayescal.distributed import from_environment, shutdown
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_default_dtype(torch.float64)
+    torch.set_num_threads(1)
+    comm = from_environment()
+    times = rank_times(card, n, repeats, do_fit, comm)
+    if comm.writer:
+        queue.put(times)
+    shutdown(comm)
+
+
+def on_workers(card: Path, n: int, workers: int, repeats: int, do_fit: bool) -> dict:
+    """:func:`rank_times` of rank 0 with ``n`` specimens on ``workers`` local ranks."""
+    if workers == 1:
+        return rank_times(card, n, repeats, do_fit)
+    import torch.multiprocessing as mp
+
+    from bayescal.workers import free_port
+
+    context = mp.get_context("spawn")
+    queue = context.Queue()
+    port = free_port()
+    procs = [context.Process(target=_rank, args=(r, workers, port, card, n, repeats, do_fit,
+                                                 queue)) for r in range(workers)]
+    for proc in procs:
+        proc.start()
+    times = queue.get()
+    for proc in procs:
+        proc.join()
+    return times
+
+
+def scaling(args) -> list[dict]:
+    """Strong and weak scaling rows over ``args.workers`` (see the module docstring)."""
+    rows = []
+    cases = [("strong", n, k) for n in args.specimens for k in args.workers]
+    cases += [("weak", args.per_worker * k, k) for k in args.workers]
+    base: dict[tuple[str, int], dict] = {}
+    print(f"{'scaling':>7} {'specimens':>9} {'workers':>7} {'gradient s':>10} {'eff':>5} "
+          f"{'MAP fit s':>9} {'eff':>5}")
+    for kind, n, k in cases:
+        if k > n:
+            continue
+        times = on_workers(args.card, n, k, args.repeats, n <= args.fit_max)
+        key = (kind, n if kind == "strong" else args.per_worker)
+        if k == 1:
+            base[key] = times
+        ref = base.get(key)
+        row = {"scaling": kind, "specimens": n, "workers": k, **times}
+        for name in ("gradient_s", "map_fit_s"):
+            ideal = math.nan if ref is None else (
+                ref[name] / k if kind == "strong" else ref[name])
+            row[name.replace("_s", "_efficiency")] = ideal / times[name]
+        rows.append(row)
+        print(f"{kind:>7} {n:>9} {k:>7} {times['gradient_s']:>10.4f} "
+              f"{row['gradient_efficiency']:>5.2f} {times['map_fit_s']:>9.1f} "
+              f"{row['map_fit_efficiency']:>5.2f}", flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--card", type=Path, default=ROOT / "models" / "perzyna-voce.toml")
@@ -72,8 +187,24 @@ def main() -> None:
                         help="fit (MAP) only up to this many specimens")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=RESULTS / "scale.json")
+    parser.add_argument("--workers", nargs="+", type=int,
+                        help="measure strong and weak scaling on these numbers of local ranks "
+                             "(e.g. 1 2) instead of the single-process table")
+    parser.add_argument("--per-worker", type=int, default=8,
+                        help="specimens per rank of the weak-scaling rows (default: 8)")
+    parser.add_argument("--workers-out", type=Path, default=RESULTS / "scale_workers.json")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.workers:
+        rows = scaling(args)
+        args.workers_out.parent.mkdir(parents=True, exist_ok=True)
+        args.workers_out.write_text(json.dumps({
+            "machine": f"{platform.processor() or platform.machine()}, torch "
+                       f"{torch.__version__}, 1 thread per rank, gloo",
+            "card": str(args.card), "noise_mpa": NOISE, "repeats": args.repeats,
+            "per_worker": args.per_worker, "rows": rows}, indent=1) + "\n")
+        print(f"\nwrote {args.workers_out}")
+        return
     spec = load_card(args.card)
     rows = []
     print(f"{'specimens':>9} {'steps':>6} {'plan s':>7} {'gradient s':>10} "

@@ -30,6 +30,7 @@ from pyro.ops.integrator import register_exception_handler
 from bayescal.adapters import nuts_transition
 from bayescal.card import ModelSpec
 from bayescal.data import Experiments
+from bayescal.distributed import Communicator
 from bayescal.errors import BayescalWarning, InvalidSetting
 from bayescal.hierarchy import Hierarchy, SolverFailure, Solving
 from bayescal.inference.accuracy import replan_at_map
@@ -123,6 +124,7 @@ class _Chain:
     checkpoint: Path | None = None  # where the chain's state is written
     fingerprint: dict | None = None  # what the state is stamped with (the run's)
     resume: dict | None = None  # a state to go on from (NUTS_CHAIN_FIELDS)
+    comm: Communicator | None = None  # several ranks: the chain's solves are sharded
 
 
 class _Potential:
@@ -194,7 +196,7 @@ def run_chain(job: _Chain, report=None) -> dict:
     calling process as it is set up (float64 is bayescal's precision: see
     :func:`_run_chain_reporting` for a worker process)."""
     h = Hierarchy(job.spec, job.experiments, job.options, centered=job.centered,
-                  substeps=job.substeps)
+                  substeps=job.substeps, comm=job.comm)
     packing = Packing(h, initial_values(h))
     potential = _Potential(packing, job.centre, job.root)
     config = job.config
@@ -428,10 +430,12 @@ def run_nuts(h: Hierarchy, config: NUTSConfig = NUTSConfig(), svi: SVIConfig = S
     """
     fingerprint = dict(fingerprint or {})
     start = time.perf_counter()
+    comm = h.comm
+    writer = comm is None or comm.writer
     start_file = None if checkpoint_folder is None else nuts_start_path(checkpoint_folder)
     chain_files = [None if checkpoint_folder is None else nuts_chain_path(checkpoint_folder, k)
                    for k in range(config.chains)]
-    if start_file is not None and not resume:
+    if start_file is not None and not resume and writer:
         earlier = [p for p in (start_file, *chain_files) if p.exists()]
         if earlier:
             warnings.warn(f"{checkpoint_folder} holds the checkpoints of an earlier NUTS run; "
@@ -445,11 +449,13 @@ def run_nuts(h: Hierarchy, config: NUTSConfig = NUTSConfig(), svi: SVIConfig = S
                                frozenset(saved["centered"]), saved["substeps"], saved["steps"],
                                saved["sd_ratios"])
         root, init_time = saved["root"], saved["init_time"]
+        if comm is not None:  # every rank has read it before rank 0 replaces anything
+            comm.barrier()
     else:
         approx = approximation(h, config, svi, seed, progress, map_config, automatic)
         root = torch.linalg.cholesky(0.5 * (approx.covariance + approx.covariance.T))
         init_time = time.perf_counter() - start
-        if start_file is not None:
+        if start_file is not None and writer:
             write_plain(start_file, fingerprint, {
                 "centre": approx.centre, "root": root, "substeps": approx.substeps,
                 "centered": sorted(approx.centered), "steps": approx.steps,
@@ -464,8 +470,14 @@ def run_nuts(h: Hierarchy, config: NUTSConfig = NUTSConfig(), svi: SVIConfig = S
                 raise corrupt_checkpoint(path, "its draws do not fit this run")
         jobs.append(_Chain(h.spec, h.experiments, h.options, approx.substeps, approx.centered,
                            approx.centre, root, config, seed, chain, torch.get_num_threads(),
-                           checkpoint=path, fingerprint=fingerprint, resume=state))
-    processes = config.processes or min(config.chains, os.cpu_count() or 1)
+                           checkpoint=path if writer else None, fingerprint=fingerprint,
+                           resume=state, comm=comm))
+    if comm is not None:  # every rank has read its chain states before rank 0 writes them
+        comm.barrier()
+    # on several ranks the chains run one after another, each sharded over every rank (a
+    # chain's solves are collective operations of the whole group)
+    processes = 1 if comm is not None else (
+        config.processes or min(config.chains, os.cpu_count() or 1))
     watch = StallWatch(config, describe_parameterisation(h.spec.varying, approx.centered))
     sampling_start = time.perf_counter()
     chains = _run_chains(jobs, processes, progress, watch)

@@ -169,14 +169,16 @@ def run_svi(h: Hierarchy, config: SVIConfig = SVIConfig(), map_config: MAPConfig
         if resume:
             saved = load_checkpoint(checkpoint_path, fingerprint, packing.dim)
             set_rng_state(saved["rng"])
-        else:
+        elif h.comm is None or h.comm.writer:
             warnings.warn(f"{checkpoint_path} holds {describe_checkpoint(checkpoint_path)}; "
                           "this run replaces it (to continue that run instead, rerun it "
                           "with --resume)", BayescalWarning, stacklevel=2)
+    if h.comm is not None:  # every rank has read the checkpoint before rank 0 replaces it
+        h.comm.barrier()
     state = state_from_dict(saved["state"]) if saved else FitState()
     resumed_from = state.total if saved else None
-    writer = Checkpointer(checkpoint_path, fingerprint) if checkpoint_path is not None \
-        else None
+    writes = checkpoint_path is not None and (h.comm is None or h.comm.writer)
+    writer = Checkpointer(checkpoint_path, fingerprint) if writes else None
     stochastic = config.guide != "delta" and svi_stage
     with tqdm(total=map_config.iterations + (config.steps if stochastic else 0),
               disable=not progress, desc="fit", unit="it") as bar:
