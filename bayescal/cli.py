@@ -20,6 +20,7 @@ import argparse
 import math
 import os
 import shlex
+import signal
 import sys
 import warnings
 from typing import Callable, Sequence
@@ -658,6 +659,11 @@ def _main(argv: Sequence[str] | None) -> int:
         return exc.code if isinstance(exc.code, int) else 2
     args.argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
     args.command_line = shlex.join([PROG, *args.argv])
+    if _rank() is not None:
+        # when one rank fails, the launcher (or torchrun) stops the others with SIGTERM:
+        # leave through Python, so that rank 0's open progress bar ends its line before the
+        # launcher's error line rather than running into it
+        signal.signal(signal.SIGTERM, _stopped)
     if _rank() not in (None, 0):  # one of several ranks: rank 0 alone talks to the user
         sys.stdout = open(os.devnull, "w")
         warnings.simplefilter("ignore", BayescalWarning)
@@ -693,6 +699,11 @@ def _rank() -> int | None:
         if os.environ.get(name, "").isdigit():
             return int(os.environ[name])
     return None
+
+
+def _stopped(signum: int, frame) -> None:
+    """SIGTERM in a rank: exit (status 128 + signal) through the open context managers."""
+    raise SystemExit(128 + signum)
 
 
 def _peer_failure(exc: BaseException) -> bool:
