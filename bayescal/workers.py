@@ -57,6 +57,9 @@ def launch(argv: Sequence[str], workers: int, program: Sequence[str] | None = No
     with tempfile.TemporaryDirectory(prefix="bayescal-workers-") as folder:
         files = [Path(folder) / f"error{rank}" for rank in range(workers)]
         procs = []
+        # a batch system's time limit (or `timeout`, or `kill`) ends the launcher with
+        # SIGTERM: stop the workers then too, rather than leave them running on
+        terminate = signal.signal(signal.SIGTERM, _terminated)
         try:
             for rank in range(workers):
                 quiet = subprocess.DEVNULL if rank else None
@@ -69,6 +72,13 @@ def launch(argv: Sequence[str], workers: int, program: Sequence[str] | None = No
             _stop(procs)
             print("bayescal: error: interrupted", file=sys.stderr)
             return 130
+        except _Terminated:
+            _stop(procs)
+            print("bayescal: error: terminated (SIGTERM); the workers were stopped and wrote "
+                  "no results", file=sys.stderr)
+            return 128 + signal.SIGTERM
+        finally:
+            signal.signal(signal.SIGTERM, terminate)
         if not failed:
             return 0
         cause = _cause(failed, procs, files)
@@ -76,6 +86,14 @@ def launch(argv: Sequence[str], workers: int, program: Sequence[str] | None = No
         print(f"bayescal: error: {_describe(cause, status, files[cause], workers)}",
               file=sys.stderr)
         return status if status in (1, 2, 130) else 1
+
+
+class _Terminated(Exception):
+    """The launcher received SIGTERM."""
+
+
+def _terminated(signum: int, frame) -> None:
+    raise _Terminated
 
 
 def _wait(procs: list[subprocess.Popen]) -> list[int]:

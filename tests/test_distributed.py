@@ -327,28 +327,55 @@ def _rank_of(pid: int) -> str | None:
     return next((e[5:].decode() for e in environ if e.startswith(b"RANK=")), None)
 
 
-@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs Linux /proc")
-def test_killed_worker_fails_the_job_in_one_line_and_writes_nothing(problem, tmp_path):
-    card, data, _ = problem
-    out = tmp_path / "out"
+def _long_fit_on_two_workers(card, data, out) -> tuple[subprocess.Popen, int]:
+    """A long SVI fit launched with ``--workers 2``, some seconds into the fit: the launcher
+    and the process id of its rank 1."""
     launcher = subprocess.Popen(
         [sys.executable, "-m", "bayescal", "fit", str(card), "--data", str(data), "--method",
          "svi", "--steps", "1000", "--guide", "normal", "--no-figures", "--workers", "2",
          "--out", str(out)], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True)
-    victim = None
+    ranks: dict[str, int] = {}
     deadline = time.monotonic() + 120
-    while victim is None and time.monotonic() < deadline and launcher.poll() is None:
-        victim = next((c for c in _children(launcher.pid) if _rank_of(c) == "1"), None)
+    while len(ranks) < 2 and time.monotonic() < deadline and launcher.poll() is None:
+        ranks = {_rank_of(c): c for c in _children(launcher.pid)}
         time.sleep(0.2)
-    assert victim is not None
+    assert set(ranks) >= {"0", "1"}
     time.sleep(8)  # into the fit
-    os.kill(victim, signal.SIGKILL)
+    return launcher, ranks
+
+
+def _gone(pid: int) -> bool:
+    return not Path(f"/proc/{pid}").exists() or \
+        Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs Linux /proc")
+def test_killed_worker_fails_the_job_in_one_line_and_writes_nothing(problem, tmp_path):
+    card, data, _ = problem
+    out = tmp_path / "out"
+    launcher, ranks = _long_fit_on_two_workers(card, data, out)
+    os.kill(ranks["1"], signal.SIGKILL)
     _, err = launcher.communicate(timeout=120)
     lines = [line for line in err.splitlines() if "error" in line]
     assert launcher.returncode == 1
     assert lines == ["bayescal: error: worker 1 of 2 was killed (SIGKILL); the job stopped "
                      "and wrote no results"]
+    assert not (out / "posterior.nc").exists()
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs Linux /proc")
+def test_terminated_launcher_stops_its_workers(problem, tmp_path):
+    """A time limit's SIGTERM to the launcher stops every worker, in one line."""
+    card, data, _ = problem
+    out = tmp_path / "out"
+    launcher, ranks = _long_fit_on_two_workers(card, data, out)
+    launcher.terminate()
+    _, err = launcher.communicate(timeout=60)
+    assert launcher.returncode == 128 + signal.SIGTERM
+    assert [line for line in err.splitlines() if "error" in line] == [
+        "bayescal: error: terminated (SIGTERM); the workers were stopped and wrote no results"]
+    assert all(_gone(pid) for pid in ranks.values())
     assert not (out / "posterior.nc").exists()
 
 
