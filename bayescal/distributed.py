@@ -57,6 +57,12 @@ class Communicator:
         dist.all_reduce(out, op=dist.ReduceOp.SUM, group=self.group)
         return out
 
+    def all_reduce_max(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The elementwise maximum over ranks of ``tensor`` (a new tensor; no autograd)."""
+        out = tensor.detach().clone().contiguous()
+        dist.all_reduce(out, op=dist.ReduceOp.MAX, group=self.group)
+        return out
+
     def barrier(self) -> None:
         """Wait for every rank (e.g. before rank 0 overwrites a file the others read)."""
         dist.barrier(group=self.group)

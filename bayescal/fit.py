@@ -26,8 +26,8 @@ from bayescal.errors import BayescalWarning, InvalidSetting
 from bayescal.export import build_inference_data, population_names, write_netcdf
 from bayescal.hierarchy import Hierarchy
 from bayescal.inference.accuracy import integration_report, map_parameters, replan_at_map
-from bayescal.inference.draws import (posterior_draws, predictive_and_loglik, sample_guide,
-                                      unpack_draws)
+from bayescal.inference.draws import (log_likelihood, posterior_draws, predictive_and_loglik,
+                                      sample_guide, unpack_draws)
 from bayescal.inference.importance import centered_caution, check_approximation, correct
 from bayescal.inference.nuts import NUTSConfig, run_nuts
 from bayescal.inference.laplace import MAPConfig
@@ -252,13 +252,16 @@ def fit(spec: ModelSpec, experiments: Experiments, method: str = "laplace",
             "resumed_from": result.resumed_from,
         }
         sample_stats = None
-        if config.guide != "delta":
-            if h.centered:
-                notes += _warn([centered_caution(method, h.centered)])
-            check = check_approximation(Packing(h, initial_values(h)), result.guide, latents)
-            latents, checked, sample_stats = correct(latents, check, seed, importance)
-            run_attrs.update(checked)
+    # every draw solved once: for the stored posterior and, for a guide, its check
     post = posterior_draws(h, latents, unique=method == "map")
+    if method != "nuts" and config.guide != "delta":
+        if h.centered:
+            notes += _warn([centered_caution(method, h.centered)])
+        check = check_approximation(Packing(h, initial_values(h)), result.guide, latents,
+                                    log_likelihood=log_likelihood(h, post).sum(-1))
+        index, checked, sample_stats = correct(check, seed, importance)
+        post = post.take(index)
+        run_attrs.update(checked)
     notes += _warn(noise_warnings(spec, post.noise_sd))
     if method == "nuts":
         at, point = "posterior mean", {k: v.mean(0) for k, v in post.parameters.items()}

@@ -164,7 +164,8 @@ class Hierarchy:
         self.centered = centered_names(spec, centered)
         self.transforms = {name: Bounded(*spec.parameters[name].bounds) for name in spec.calibrated}
         if substeps is None and self.options.automatic:
-            substeps = plan_integration(spec, self.model, experiments, self.options).substeps
+            substeps = plan_integration(spec, self.model, experiments, self.options,
+                                        comm=comm).substeps
         elif substeps is None:
             substeps = fixed_substeps(experiments.time, experiments.strain, self.options)
         self.substeps = substeps
@@ -411,8 +412,8 @@ PLAN_DRAWS = 2
 
 
 def plan_integration(spec: ModelSpec, model: Integrable, experiments: Experiments,
-                     options: SolverOptions, values: dict[str, torch.Tensor] | None = None
-                     ) -> SubstepPlan:
+                     options: SolverOptions, values: dict[str, torch.Tensor] | None = None,
+                     comm: Communicator | None = None) -> SubstepPlan:
     """Integration steps per recorded interval for ``experiments`` (:func:`plan_substeps`).
 
     ``values`` are physical parameters per specimen (``(n_specimens,)`` tensors, e.g. the
@@ -420,6 +421,12 @@ def plan_integration(spec: ModelSpec, model: Integrable, experiments: Experiment
     :data:`PLAN_DRAWS` draws from the card's prior population (seeded), so that the grid
     also serves specimens away from the centre: a higher-order scheme's error grows fast
     where its steps are too long for a relaxation (it overshoots into the elastic range).
+
+    With ``comm`` (several ranks) each rank plans over its share of the specimens (balanced
+    by recorded points: the grid that would balance integration steps is what is being
+    planned) and the ranks agree on every decision (:func:`plan_substeps`'s
+    ``reduce_max``): every rank gets the grid one process would plan, in about
+    ``1 / world`` of the time; the plan's ``error`` is then this rank's paths'.
     """
     n = experiments.n_specimens
     if values is None:
@@ -432,9 +439,17 @@ def plan_integration(spec: ModelSpec, model: Integrable, experiments: Experiment
                      for k, p in spec.parameters.items() if p.is_fixed}, **values}
     reps = next(iter(values.values())).shape[0] // n
     exp = experiments
+    columns = torch.arange(reps * n)  # path r * n + j: specimen j at the r-th parameter set
+    if comm is not None:
+        mine = comm.shard([float(m) for m in exp.n_points]).index
+        columns = (torch.arange(reps)[:, None] * n + mine).flatten()
+
+    def paths(x: torch.Tensor | None) -> torch.Tensor | None:
+        return None if x is None else x.repeat(1, reps)[:, columns]
+
     return plan_substeps(
-        model, {k: v.detach() for k, v in values.items()},
-        exp.time.repeat(1, reps), exp.strain.repeat(1, reps), options,
-        None if exp.temperature is None else exp.temperature.repeat(1, reps),
-        exp.mask.repeat(1, reps))
+        model, {k: v.detach()[columns] if v.dim() else v.detach() for k, v in values.items()},
+        paths(exp.time),
+        paths(exp.strain), options, paths(exp.temperature), paths(exp.mask),
+        reduce_max=None if comm is None else comm.all_reduce_max)
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 from pyzag import chunktime, nonlinear
@@ -121,14 +121,16 @@ def rate_changes(time: torch.Tensor, strain: torch.Tensor, tol: float = 0.05) ->
     return torch.cat([first, jump.any(dim=-1)])
 
 
-def fixed_substeps(time: torch.Tensor, strain: torch.Tensor, options: SolverOptions
-                   ) -> torch.Tensor:
+def fixed_substeps(time: torch.Tensor, strain: torch.Tensor, options: SolverOptions,
+                   changes: torch.Tensor | None = None) -> torch.Tensor:
     """Integration steps per recorded interval ``(n_rec - 1,)`` set by hand: ``substeps``,
-    or ``transient_substeps`` where the strain rate changes."""
+    or ``transient_substeps`` where the strain rate changes (``changes``, by default
+    :func:`rate_changes` of the paths)."""
     if options.automatic:
         raise ValueError("the solver options choose their sub-steps from a tolerance")
     transient = options.transient_substeps or 4 * options.substeps
-    return torch.where(rate_changes(time, strain), transient, options.substeps)
+    changes = rate_changes(time, strain) if changes is None else changes
+    return torch.where(changes, transient, options.substeps)
 
 
 def refine(time: torch.Tensor, strain: torch.Tensor, substeps: torch.Tensor,
@@ -250,8 +252,20 @@ class _ChunkNewton(chunktime.ChunkNewtonRaphson):
         return x, R, J, nR
 
 
+#: A failed chunk is re-solved for its failed specimens alone when they are at most
+#: ``RESTRICT_SHARE`` of a batch of at least ``RESTRICT_MIN_BATCH``, else for the whole batch
+#: (the specimens that converged restart from their solution). In batches of hundreds (a
+#: fit's draws) a few specimens fail a chunk, and re-solving all of them cost more than the
+#: first solve; in a dozen the cost is per torch call, not per specimen, and most fail
+#: together (benchmarks/README.md, gradient section).
+RESTRICT_SHARE = 0.25
+RESTRICT_MIN_BATCH = 64
+
+
 class _RetryingSolver(nonlinear.RecursiveNonlinearEquationSolver):
-    """pyzag's chunked solver, re-solving failed chunks in halves down to single steps."""
+    """pyzag's chunked solver, re-solving failed chunks in halves down to single steps
+    (only the failed specimens where the factory can be restricted to them, see
+    :data:`RESTRICT_SHARE`)."""
 
     def __init__(self, factory: nonlinear.NonlinearFunctionOperatorFactory,
                  options: SolverOptions, report: SolveReport,
@@ -273,6 +287,7 @@ class _RetryingSolver(nonlinear.RecursiveNonlinearEquationSolver):
             convert_nan_gradients=False,
         )
         self.retry = options.retry
+        self.options = options
         self.report = report
 
     def _newton(self, prev, guess, forces):
@@ -300,10 +315,28 @@ class _RetryingSolver(nonlinear.RecursiveNonlinearEquationSolver):
             self.report.failed = bad if failed is None else failed | bad
             return x
         self.report.retries += 1
-        restart = torch.where(bad[None, :, None], prev_solution[-1:].expand_as(x), x)
-        half = steps // 2
-        first = self.block_update(prev_solution, restart[:half], [f[: half + 1] for f in forces])
-        second = self.block_update(first[-1:], restart[half:], [f[half:] for f in forces])
+        restrict = getattr(self.func, "restrict", None)
+        if (restrict is None or bad.numel() < RESTRICT_MIN_BATCH
+                or RESTRICT_SHARE * bad.numel() < bad.sum()):
+            # re-solve the whole batch
+            restart = torch.where(bad[None, :, None], prev_solution[-1:].expand_as(x), x)
+            return self._halves(self, prev_solution, restart, forces)
+        # re-solve only the failed specimens, by a solver of their own sub-batch
+        index = bad.nonzero().flatten()
+        report = SolveReport(failed=torch.zeros(len(index), dtype=torch.bool, device=x.device))
+        solver = _RetryingSolver(restrict(index), self.options, report)
+        sub = self._halves(solver, prev_solution[:, index], prev_solution[-1:, index].expand(
+            steps, -1, -1), [f[:, index] for f in forces])
+        self.report.retries += report.retries
+        self.report.failed[index] |= report.failed
+        return x.index_copy(1, index, sub)
+
+    @staticmethod
+    def _halves(solver, prev_solution, restart, forces):
+        """``solver``'s chunk solved as two halves, from the starting trajectory ``restart``."""
+        half = restart.shape[0] // 2
+        first = solver.block_update(prev_solution, restart[:half], [f[: half + 1] for f in forces])
+        second = solver.block_update(first[-1:], restart[half:], [f[half:] for f in forces])
         return torch.cat([first, second])
 
 
@@ -428,7 +461,8 @@ PLAN_ROUNDS = 8
 
 def plan_substeps(model: Integrable, params: Mapping[str, torch.Tensor | float],
                   time: torch.Tensor, strain: torch.Tensor, options: SolverOptions,
-                  temperature: torch.Tensor | None = None, mask: torch.Tensor | None = None
+                  temperature: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                  reduce_max: Callable[[torch.Tensor], torch.Tensor] | None = None
                   ) -> SubstepPlan:
     """Integration steps per recorded interval, shared by the batch, so that the estimated
     stress error (:func:`estimate_error`) stays below ``options.tolerance`` at every
@@ -444,14 +478,24 @@ def plan_substeps(model: Integrable, params: Mapping[str, torch.Tensor | float],
     failure is refined eightfold; a failure that refining does not cure is left to the
     solve that uses the plan to report. With
     ``options.substeps`` set the counts are fixed and only the estimate is made.
+
+    ``reduce_max`` (the elementwise maximum over ranks, when the paths are split over
+    several processes, each holding whole paths of the same length) makes every decision
+    from every rank's paths: where the strain rate changes, and each round's largest
+    error, failure flag and growth per interval are all that the decisions read, so every
+    rank plans the grid that one process planning all paths would. ``error`` is then this
+    rank's paths' estimate.
     """
+    changes = rate_changes(time, strain)
+    if reduce_max is not None:  # where any rank's paths change rate
+        changes = reduce_max(changes.to(time.dtype)) > 0
     if not options.automatic:
-        substeps = fixed_substeps(time, strain, options)
+        substeps = fixed_substeps(time, strain, options, changes)
         error = estimate_error(model, params, time, strain, substeps, options, temperature, mask)
         return SubstepPlan(substeps, error, 0)
     order = model.order(options.scheme)
     tol = options.tolerance
-    substeps = torch.where(rate_changes(time, strain), 4, 1)
+    substeps = torch.where(changes, 4, 1)
     share = 0.5
     for rounds in range(1, PLAN_ROUNDS + 1):
         error = estimate_error(model, params, time, strain, substeps, options, temperature, mask)
@@ -460,10 +504,14 @@ def plan_substeps(model: Integrable, params: Mapping[str, torch.Tensor | float],
         failed = torch.isnan(error)
         first = failed & (torch.cumsum(failed.long(), dim=0) == 1)
         judged = torch.where(failed, 0.0, error)
-        if float(judged.max()) <= tol and not failed.any():
-            return SubstepPlan(substeps, error, rounds)
         growth = (judged[1:] - judged[:-1]).clamp_min(0)
         growth = torch.where(first[1:], 8.0**order * share * tol, growth).amax(dim=-1)
+        summary = torch.cat([growth, judged.max()[None], failed.any()[None].to(growth.dtype)])
+        if reduce_max is not None:
+            summary = reduce_max(summary)
+        growth, worst, any_failed = summary[:-2], float(summary[-2]), bool(summary[-1] > 0)
+        if worst <= tol and not any_failed:
+            return SubstepPlan(substeps, error, rounds)
         over = growth > share * tol
         if not over.any():
             share /= 2

@@ -408,6 +408,12 @@ class StrainControlledResidual(torch.nn.Module, NonlinearFunctionOperatorFactory
         self._cache_key: tuple | None = None
         self._cache: dict[str, torch.Tensor] = {}
 
+    def restrict(self, index: torch.Tensor) -> StrainControlledResidual:
+        """The same residual for the batch entries ``index`` (the retrying solver re-solves
+        only the specimens whose Newton failed, not the whole batch)."""
+        params = {key: value.detach()[index] for key, value in self.params().items()}
+        return StrainControlledResidual(self.model, params, self.scheme.name)
+
     @property
     def lookback(self) -> int:
         return 1

@@ -15,7 +15,7 @@ from bayescal.errors import BayescalWarning
 from bayescal.fit import fit
 from bayescal.hierarchy import Hierarchy
 from bayescal.inference import importance
-from bayescal.inference.draws import sample_guide, unpack_draws
+from bayescal.inference.draws import log_likelihood, posterior_draws, sample_guide, unpack_draws
 from bayescal.inference.laplace import MAPConfig
 from bayescal.inference.packing import Packing, initial_values
 from bayescal.inference.svi import SVIConfig, run_svi
@@ -67,23 +67,22 @@ def test_systematic_resampling_by_hand():
 
 
 def test_correct_resamples_only_below_0_7_and_when_enabled():
-    latents = {"noise_sd": torch.arange(4, dtype=torch.float64)}
     weights = np.log([0.1, 0.2, 0.3, 0.4])
     check = importance.ImportanceCheck(log_ratio=weights + 5.0, log_weight=weights,
                                        pareto_k=0.6, failed=0)
-    kept, attrs, stats = importance.correct(latents, check, seed=3)
+    kept, attrs, stats = importance.correct(check, seed=3)
     assert attrs["importance_resampled"] and attrs["pareto_k"] == 0.6
     assert math.isclose(attrs["importance_ess"], 1 / (0.01 + 0.04 + 0.09 + 0.16))
     index = importance.resample(weights, 4, seed=3)
-    np.testing.assert_array_equal(kept["noise_sd"].numpy(), index)
+    np.testing.assert_array_equal(kept, index)
     np.testing.assert_allclose(stats["log_weight"], weights[index][None])
     assert stats["log_ratio"].shape == (1, 4)
     for k, enabled in ((0.75, True), (0.3, False)):
         bad = importance.ImportanceCheck(log_ratio=weights, log_weight=weights, pareto_k=k,
                                          failed=0)
-        kept, attrs, stats = importance.correct(latents, bad, seed=3, enabled=enabled)
+        kept, attrs, stats = importance.correct(bad, seed=3, enabled=enabled)
         assert not attrs["importance_resampled"]
-        torch.testing.assert_close(kept["noise_sd"], latents["noise_sd"])
+        np.testing.assert_array_equal(kept, np.arange(4))
         np.testing.assert_allclose(stats["log_weight"][0], weights)
 
 
@@ -122,6 +121,13 @@ def test_log_ratios_of_the_model_are_the_densities_of_the_packed_vector(laplace_
     # p: the log joint, in pieces of any size
     torch.testing.assert_close(importance.log_joint(packing, u, max_batch=3 * 2),
                                packing.log_joint(u).detach(), rtol=1e-10, atol=1e-8)
+    # p from the draws' stress, solved once for the stored posterior (the fit's route)
+    solved = importance.check_approximation(packing, guide, latents)
+    draws = posterior_draws(h, latents)
+    reused = importance.check_approximation(packing, guide, latents,
+                                            log_likelihood=log_likelihood(h, draws).sum(-1))
+    np.testing.assert_allclose(reused.log_ratio, solved.log_ratio, rtol=1e-10, atol=1e-8)
+    assert np.ptp(solved.log_ratio) > 0.1  # the draws' ratios differ: a real comparison
 
 
 def test_mean_field_normal_guide_has_its_own_density(laplace_fit):

@@ -11,7 +11,8 @@ import torch
 from bayescal.card import load_card
 from bayescal.hierarchy import Hierarchy
 from bayescal.inference.guides import make_guide
-from bayescal.inference.packing import Packing, initial_values, latent_names, to_centered
+from bayescal.inference.packing import (Packing, from_centered, initial_values, latent_names,
+                                        to_centered)
 from bayescal.inference.svi import plateaued
 from bayescal.testing import CARD, synthetic
 
@@ -112,6 +113,79 @@ def test_to_centered_changes_the_density_by_the_jacobian(problem):
     with torch.no_grad():
         torch.testing.assert_close(centered.log_joint(v), non_centered.log_joint(u) - log_tau,
                                    rtol=1e-10, atol=1e-8)
+
+
+def test_log_joint_is_prior_plus_likelihood_and_from_centered_inverts(problem):
+    """``log_prior`` (no solve) and ``log_likelihood`` add up to ``log_joint`` exactly;
+    ``from_centered`` undoes ``to_centered`` (what the Hessian's change of coordinates
+    relies on)."""
+    packing = packing_for(problem)
+    u = random_points(packing, 3, seed=4, scale=0.3)
+    with torch.no_grad():
+        prior, likelihood = packing.log_prior(u), packing.log_likelihood(u)
+        assert torch.equal(prior + likelihood, packing.log_joint(u))
+    assert float(likelihood.abs().min()) > 100  # the data's term, not a zero
+    torch.testing.assert_close(from_centered(packing, to_centered(packing, u)), u,
+                               rtol=1e-12, atol=1e-12)
+
+
+class _Quadratic:
+    """A packing-like stand-in for the line search: log joint ``-(u - 1)^2`` summed,
+    counting the points it is asked for."""
+
+    class h:
+        non_centered = ()
+
+    def __init__(self):
+        self.points = 0
+
+    def log_joint(self, u, solving=None):
+        self.points += u.shape[0]
+        return -((u - 1.0) ** 2).sum(-1)
+
+
+def test_line_search_tries_the_full_step_alone_first():
+    from bayescal.inference.laplace import LINE_SEARCH, _line_search
+
+    u = torch.zeros(3, dtype=torch.float64)
+    packing = _Quadratic()  # Newton's step from 0 is +1 in every coordinate: the full step
+    point, gain = _line_search(packing, u, torch.ones(3, dtype=torch.float64), -3.0)
+    assert packing.points == 1 and gain == 3.0
+    torch.testing.assert_close(point, torch.ones(3, dtype=torch.float64))
+    packing = _Quadratic()  # a step twice too long: the full step gains nothing; half is best
+    point, gain = _line_search(packing, u, 2 * torch.ones(3, dtype=torch.float64), -3.0)
+    assert packing.points == len(LINE_SEARCH) and gain == 3.0
+    torch.testing.assert_close(point, torch.ones(3, dtype=torch.float64))
+    packing = _Quadratic()  # beyond the trust region (MAX_STEP): cut to it, then searched
+    point, _ = _line_search(packing, u, 8 * torch.ones(3, dtype=torch.float64), -3.0)
+    torch.testing.assert_close(point, torch.ones(3, dtype=torch.float64))  # 0.5 of 2
+    packing = _Quadratic()  # a step the wrong way: nothing gains
+    assert _line_search(packing, u, -torch.ones(3, dtype=torch.float64), -3.0) == (None, 0.0)
+
+
+def test_the_hessian_solves_only_where_the_likelihood_curves(problem, monkeypatch):
+    """One solved batch of ``1 + 2 (shared + noise + kinds)`` points per Hessian (half with
+    forward differences): the population locations and spreads cost no solve."""
+    from bayescal.inference.laplace import gradient_and_hessian
+
+    packing = packing_for(problem)
+    sizes = []
+    solve = Hierarchy.solve_stress
+
+    def counting(self, values, *args, **kwargs):
+        sizes.append(next(iter(values.values())).shape[0])
+        return solve(self, values, *args, **kwargs)
+
+    monkeypatch.setattr(Hierarchy, "solve_stress", counting)
+    u = random_points(packing, 1, seed=5, scale=0.3)[0]
+    _, grad, central = gradient_and_hessian(packing, u, 1e-4)
+    _, same_grad, forward = gradient_and_hessian(packing, u, 1e-4, central=False)
+    spec = packing.h.spec
+    globals_ = len(spec.shared) + 1
+    assert sizes == [1 + 2 * (globals_ + len(spec.varying)), 1 + globals_ + len(spec.varying)]
+    torch.testing.assert_close(same_grad, grad, rtol=1e-12, atol=1e-12)
+    # forward differences: error of order the step, enough to steer Newton
+    assert float((forward - central).abs().max() / central.abs().max()) < 1e-3
 
 
 def test_plateaued_compares_the_last_two_windows_with_their_noise():

@@ -384,6 +384,34 @@ def test_adjoint_after_retries_matches_sequential_solve():
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-6, atol=0.0)
 
 
+def test_a_few_failed_specimens_of_a_large_batch_are_re_solved_alone(monkeypatch):
+    """In a batch of 64 where 4 stiff specimens fail a chunk, only those 4 are re-solved
+    (a sub-batch), and stress and adjoint gradient equal a sequential solve's."""
+    from bayescal.material import StrainControlledResidual
+
+    restricted = []
+    restrict = StrainControlledResidual.restrict
+    monkeypatch.setattr(StrainControlledResidual, "restrict",
+                        lambda self, index: restricted.append(len(index)) or restrict(self, index))
+    model = get_model("voce-jc")
+    t, e = _high_rate_path()
+    t, e = t.expand(-1, 64).contiguous(), e.expand(-1, 64).contiguous()  # (point, 1) paths
+    grads = []
+    for options in (SolverOptions(**AGGRESSIVE), SolverOptions(n_chunk=1, substeps=4)):
+        p = {k: torch.full((64,), v) for k, v in JC_STIFF.items()}
+        p["sy"][4:] = 1e5  # 60 specimens stay elastic: their Newton converges at once
+        p = {k: v.requires_grad_(k in ("sy", "Rinf", "C")) for k, v in p.items()}
+        stress, report = simulate(model, p, t, e, options)
+        assert report.n_failed == 0
+        (_weights(t.shape[0]) * stress).sum().backward()
+        grads.append((stress.detach(), torch.stack([p[k].grad for k in ("sy", "Rinf", "C")])))
+    assert restricted and max(restricted) == 4  # the 4 stiff specimens alone
+    (stress, grad), (sequential, seq_grad) = grads
+    assert ((stress - sequential).abs().max() / sequential.abs().max()).item() <= 1e-6
+    torch.testing.assert_close(grad[:, :4], seq_grad[:, :4], rtol=1e-6, atol=0.0)
+    torch.testing.assert_close(grad[:, 4:], seq_grad[:, 4:], rtol=1e-6, atol=1e-12)
+
+
 def _never_converging():
     """Specimens 0 and 2 stay elastic (one Newton iteration solves a linear step), specimen 1
     yields and cannot converge in one iteration."""

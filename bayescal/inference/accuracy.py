@@ -45,9 +45,17 @@ def error_at(h: Hierarchy, values: dict[str, torch.Tensor]) -> torch.Tensor:
     """Step-doubling estimate of the stress error ``(step, specimen)`` (MPa) of ``h``'s grid
     at physical parameters ``values`` (``(specimen,)`` tensors; fixed ones from the card)."""
     exp = h.experiments
-    return estimate_error(h.model, {**fixed_values(h.spec, exp.n_specimens), **values},
-                          exp.time, exp.strain, h.substeps, h.options, exp.temperature,
-                          exp.mask)
+    params = {**fixed_values(h.spec, exp.n_specimens), **values}
+    if h.shard is None:
+        return estimate_error(h.model, params, exp.time, exp.strain, h.substeps, h.options,
+                              exp.temperature, exp.mask)
+    # several ranks: each estimates its shard's specimens, and every rank gets them all
+    mine = h.shard.index
+    local = estimate_error(
+        h.model, {k: v[mine] if v.dim() else v for k, v in params.items()}, exp.time[:, mine],
+        exp.strain[:, mine], h.substeps, h.options,
+        None if exp.temperature is None else exp.temperature[:, mine], exp.mask[:, mine])
+    return h.shard.gather(local, dim=-1)
 
 
 def map_parameters(h: Hierarchy, map_values: dict) -> dict[str, torch.Tensor]:
@@ -66,7 +74,7 @@ def replan_at_map(h: Hierarchy, map_values: dict) -> Hierarchy | None:
     values = map_parameters(h, map_values)
     if float(error_at(h, values).nan_to_num(nan=torch.inf).max()) <= h.options.tolerance:
         return None
-    plan = plan_integration(h.spec, h.model, exp, h.options, values=values)
+    plan = plan_integration(h.spec, h.model, exp, h.options, values=values, comm=h.comm)
     return h.with_grid(torch.maximum(h.substeps, plan.substeps))
 
 

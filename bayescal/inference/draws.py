@@ -27,6 +27,15 @@ class Draws:
     stress_mean: torch.Tensor  # (draw, specimen, step), noise-free
     failed_draws: int = 0
 
+    def take(self, index) -> Draws:
+        """The draws at ``index`` (e.g. an importance resampling's, repeats allowed)."""
+        index = torch.as_tensor(index)
+        failed = torch.isnan(self.stress_mean[index]).flatten(1).any(-1)
+        return Draws(parameters={k: v[index] for k, v in self.parameters.items()},
+                     population={k: v[index] for k, v in self.population.items()},
+                     noise_sd=self.noise_sd[index], stress_mean=self.stress_mean[index],
+                     failed_draws=int(failed.sum()))
+
 
 def sample_guide(h: Hierarchy, guide, n: int, seed: int) -> dict[str, torch.Tensor]:
     """``n`` latent draws from a guide (a MAP guide gives ``n`` copies of its point)."""
@@ -87,9 +96,15 @@ def predictive_and_loglik(h: Hierarchy, draws: Draws, seed: int):
     noise = draws.noise_sd[:, None, None]
     eps = torch.randn(draws.stress_mean.shape, generator=generator, dtype=torch.float64)
     predictive = draws.stress_mean + noise * eps
-    mask = exp.mask.T
-    predictive = torch.where(mask, predictive, torch.nan)
-    obs = torch.nan_to_num(exp.stress.T)
-    logp = torch.distributions.Normal(draws.stress_mean, noise).log_prob(obs)
-    loglik = torch.where(mask, logp, 0.0).sum(-1)
-    return predictive, loglik
+    predictive = torch.where(exp.mask.T, predictive, torch.nan)
+    return predictive, log_likelihood(h, draws)
+
+
+def log_likelihood(h: Hierarchy, draws: Draws) -> torch.Tensor:
+    """Each specimen's log likelihood of the data per draw, ``(draw, specimen)``: the
+    model's observed term (:meth:`Hierarchy.__call__`) from the draws' solved stress (NaN
+    where a draw's solve failed)."""
+    exp = h.experiments
+    logp = torch.distributions.Normal(draws.stress_mean, draws.noise_sd[:, None, None]
+                                      ).log_prob(torch.nan_to_num(exp.stress.T))
+    return torch.where(exp.mask.T, logp, 0.0).sum(-1)

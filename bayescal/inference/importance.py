@@ -108,11 +108,21 @@ def pareto_smooth(log_ratio: np.ndarray) -> tuple[np.ndarray, float]:
 
 
 def check_approximation(packing, guide, latents: dict[str, torch.Tensor],
-                        max_batch: int = 8192) -> ImportanceCheck:
+                        max_batch: int = 8192, log_likelihood: torch.Tensor | None = None
+                        ) -> ImportanceCheck:
     """Log ratios, smoothed weights and k-hat of ``guide``'s draws ``latents`` (shaped as
-    :func:`~bayescal.inference.draws.sample_guide` gives them) on ``packing``'s model."""
+    :func:`~bayescal.inference.draws.sample_guide` gives them) on ``packing``'s model.
+
+    ``log_likelihood`` (draw,), the data's log likelihood at each draw where the caller has
+    solved the draws already (NaN where a solve failed), spares solving them again: the
+    log joint is then :meth:`Packing.log_prior` (no solve) plus it."""
     u = packing.pack(latents)
-    log_ratio = (log_joint(packing, u, max_batch) - guide_log_density(guide, packing, u)).numpy()
+    if log_likelihood is None:
+        log_p = log_joint(packing, u, max_batch)
+    else:
+        with torch.no_grad():
+            log_p = torch.nan_to_num(packing.log_prior(u) + log_likelihood, nan=-torch.inf)
+    log_ratio = (log_p - guide_log_density(guide, packing, u)).numpy()
     log_weight, k = pareto_smooth(log_ratio)
     return ImportanceCheck(log_ratio=log_ratio, log_weight=log_weight, pareto_k=k,
                            failed=int((~np.isfinite(log_ratio)).sum()))
@@ -160,9 +170,10 @@ def centered_caution(method: str, centered: Iterable[str]) -> str:
             "(laplace and svi work non-centered by default) or use --method nuts")
 
 
-def correct(latents: dict[str, torch.Tensor], check: ImportanceCheck, seed: int,
-            enabled: bool = True) -> tuple[dict[str, torch.Tensor], dict, dict]:
-    """The draws to store, run attributes and ``sample_stats`` of a checked approximation.
+def correct(check: ImportanceCheck, seed: int, enabled: bool = True
+            ) -> tuple[np.ndarray, dict, dict]:
+    """Which of the checked draws to store (indices into them), run attributes and
+    ``sample_stats`` of a checked approximation.
 
     With ``enabled`` and ``k < K_USABLE`` the draws are resampled (:func:`resample`, as many
     as there were) with the smoothed weights, so that the stored posterior is the
@@ -174,11 +185,8 @@ def correct(latents: dict[str, torch.Tensor], check: ImportanceCheck, seed: int,
     n = check.log_ratio.shape[0]
     resampled = bool(enabled and check.pareto_k < K_USABLE)
     index = resample(check.log_weight, n, seed) if resampled else np.arange(n)
-    if resampled:
-        chosen = torch.as_tensor(index)
-        latents = {k: v[chosen] for k, v in latents.items()}
     attrs = {"pareto_k": check.pareto_k, "importance_resampled": resampled,
              "importance_ess": check.ess, "importance_failed_draws": check.failed}
     stats = {"log_ratio": check.log_ratio[index][None],
              "log_weight": check.log_weight[index][None]}
-    return latents, attrs, stats
+    return index, attrs, stats

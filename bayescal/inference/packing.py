@@ -21,6 +21,9 @@ from pyro.distributions.transforms import biject_to
 
 from bayescal.hierarchy import Hierarchy, Solving
 
+#: The model's observed site (or, on several ranks, its factor).
+OBSERVED = "stress"
+
 
 def latent_names(h: Hierarchy) -> list[str]:
     """The model's latent sample sites."""
@@ -112,6 +115,13 @@ class Packing:
                 for name in self.h.spec.varying]
         return torch.stack(rows) if rows else torch.zeros(0, 0, dtype=torch.long)
 
+    def likelihood_globals(self) -> torch.Tensor:
+        """Positions of the global coordinates the likelihood sees: the shared values and
+        the noise (the specimen values are :meth:`specimen_indices`)."""
+        where = self.slices()
+        names = [f"{name}_z" for name in self.h.spec.shared] + ["noise_sd"]
+        return torch.cat([torch.arange(where[n].start, where[n].stop) for n in names])
+
     def likelihood_coordinates(self, u: torch.Tensor) -> torch.Tensor:
         """What the likelihood sees, for rows of ``u`` (B, dim): every specimen's value in z,
         the shared values in z and the noise sd (unconstrained)."""
@@ -200,16 +210,41 @@ class Packing:
     def log_joint(self, u: torch.Tensor, solving: Solving | None = None) -> torch.Tensor:
         """Log joint density in the unconstrained space for each row of ``u`` (B, dim); the
         solves as ``solving`` asks (:class:`~bayescal.hierarchy.Solving`)."""
+        prior, likelihood = self._log_density(u, solving=solving)
+        return prior + likelihood
+
+    def log_prior(self, u: torch.Tensor) -> torch.Tensor:
+        """The prior part of :meth:`log_joint` (with the unconstraining Jacobian) for each
+        row of ``u`` (B, dim): no solve."""
+        return self._log_density(u, observed=False)[0]
+
+    def log_likelihood(self, u: torch.Tensor, solving: Solving | None = None) -> torch.Tensor:
+        """The likelihood part of :meth:`log_joint` (the observed stress) for each row of
+        ``u`` (B, dim)."""
+        return self._log_density(u, solving=solving)[1]
+
+    def _log_density(self, u: torch.Tensor, solving: Solving | None = None,
+                     observed: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """The model traced at each row of ``u`` (only its latent part, no solve, unless
+        ``observed``): the prior terms with the unconstraining Jacobian, and the observed
+        stress's term (zero unless ``observed``)."""
         batch = u.shape[0]
         values, logdet = self.constrain(u)
         with pyro.plate("draws", batch, dim=-2), poutine.condition(data=values):
-            trace = poutine.trace(self.h).get_trace(solving=solving)
+            if observed:
+                trace = poutine.trace(self.h).get_trace(solving=solving)
+            else:
+                trace = poutine.trace(self.h.sample_latents).get_trace()
         trace.compute_log_prob()
-        total = logdet
+        prior, likelihood = logdet, torch.zeros_like(logdet)
         for site in trace.nodes.values():
             if site["type"] == "sample" and site["name"] != "specimen":
-                total = total + site["log_prob"].reshape(batch, -1).sum(-1)
-        return total
+                term = site["log_prob"].reshape(batch, -1).sum(-1)
+                if site["name"] == OBSERVED:
+                    likelihood = likelihood + term
+                else:
+                    prior = prior + term
+        return prior, likelihood
 
     def point(self, u: torch.Tensor) -> dict[str, torch.Tensor]:
         """Constrained site values for a single unconstrained vector."""
@@ -228,4 +263,18 @@ def to_centered(packing: Packing, u: torch.Tensor,
         pop, offset = u[:, where[f"{name}_pop_z"]], where[f"{name}_offset"]
         tau = h.specimen_scale(name, pop, u[:, where[f"{name}_cv"]].exp())
         out[:, offset] = pop + tau * u[:, offset]
+    return out
+
+
+def from_centered(packing: Packing, w: torch.Tensor,
+                  names: Iterable[str] | None = None) -> torch.Tensor:
+    """The inverse of :func:`to_centered`: rows of ``w`` (B, dim) in the layout where
+    ``names`` are centered moved back to the packing's, each specimen's value in z replaced
+    by its offset from the population location (differentiable)."""
+    h, where = packing.h, packing.slices()
+    out = w.clone()
+    for name in (h.spec.varying if names is None else names):
+        pop, at = w[:, where[f"{name}_pop_z"]], where[f"{name}_offset"]
+        tau = h.specimen_scale(name, pop, w[:, where[f"{name}_cv"]].exp())
+        out[:, at] = (w[:, at] - pop) / tau
     return out
