@@ -6,6 +6,7 @@ Plots read only the InferenceData (and the card for priors); they know no solver
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 
 import matplotlib.backend_bases
@@ -56,10 +57,21 @@ def band_panels(names, strain: np.ndarray, lo: np.ndarray, mid: np.ndarray, hi: 
     save_figure(fig, path, dpi=110)
 
 
+def band_quantiles(pred) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The lower band edge, median and upper band edge over a predictive's draws, per
+    specimen and point. A shorter specimen's padded points are NaN in every draw: their
+    quantiles are NaN, without numpy's "All-NaN slice" warning (a failed draw, NaN at some
+    points, is still skipped)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="All-NaN slice", category=RuntimeWarning)
+        return tuple(pred.quantile(q, dim=("chain", "draw")).values
+                     for q in (BAND[0], 0.5, BAND[1]))
+
+
 def plot_bands(idata, path: Path, title: str = "Data and posterior-predictive 90% band") -> None:
     """A fit's posterior-predictive bands over its data, one panel per specimen."""
     pred = idata.posterior_predictive["stress"]
-    lo, mid, hi = (pred.quantile(q, dim=("chain", "draw")).values for q in (BAND[0], 0.5, BAND[1]))
+    lo, mid, hi = band_quantiles(pred)
     band_panels(list(pred["specimen"].values), idata.constant_data["strain"].values, lo, mid, hi,
                 idata.observed_data["stress"].values, path, title)
 
@@ -72,7 +84,7 @@ def plot_bands_by_label(idata, label: str, path: Path) -> None:
     value, its data as dots and its posterior-predictive median as a line, over the union of
     their 90% bands."""
     pred = idata.posterior_predictive["stress"]
-    lo, mid, hi = (pred.quantile(q, dim=("chain", "draw")).values for q in (BAND[0], 0.5, BAND[1]))
+    lo, mid, hi = band_quantiles(pred)
     strain = idata.constant_data["strain"].values
     observed = idata.observed_data["stress"].values
     values = idata.constant_data[label].values

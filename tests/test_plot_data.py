@@ -269,3 +269,23 @@ def test_library_errors_are_bad_input_naming_the_parameter(data):
     """The library names its parameter (``x``); the CLI names the flag (``--x``)."""
     with pytest.raises(BadInput, match="^x strain-rate: must be one of strain, time$"):
         plot_data(read_experiments(data), x="strain-rate")
+
+
+def test_band_quantiles_leave_padded_points_nan_without_a_warning():
+    """A shorter specimen's padded points (NaN in every draw) give NaN quantiles and no
+    numpy warning on the user's screen; a failed draw (NaN at a point) is skipped."""
+    import warnings
+
+    import xarray as xr
+
+    from bayescal.plots import band_quantiles
+
+    draws = np.arange(40, dtype=float).reshape(1, 10, 2, 2)
+    draws[..., 1, 1] = np.nan  # specimen 1's last point is padding
+    draws[0, 0, 0, 0] = np.nan  # one draw failed there
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lo, mid, hi = band_quantiles(xr.DataArray(draws, dims=("chain", "draw", "specimen",
+                                                                "step")))
+    assert np.isnan(mid[1, 1]) and np.isfinite(mid[[0, 0, 1], [0, 1, 0]]).all()
+    assert mid[0, 0] == np.median(draws[0, 1:, 0, 0])
