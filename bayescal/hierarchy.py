@@ -449,7 +449,6 @@ def plan_integration(spec: ModelSpec, model: Integrable, experiments: Experiment
 
     return plan_substeps(
         model, {k: v.detach()[columns] if v.dim() else v.detach() for k, v in values.items()},
-        paths(exp.time),
-        paths(exp.strain), options, paths(exp.temperature), paths(exp.mask),
+        paths(exp.time), paths(exp.strain), options, paths(exp.temperature), paths(exp.mask),
         reduce_max=None if comm is None else comm.all_reduce_max)
 

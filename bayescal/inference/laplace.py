@@ -40,7 +40,8 @@ class MAPConfig:
 def gradient_and_hessian(packing: Packing, u: torch.Tensor, step: float,
                          solving: Solving | None = None, central: bool = True):
     """Log joint, its gradient and the negative Hessian at ``u``; the likelihood's curvature
-    from central differences of adjoint gradients, all points in one batched solve.
+    from differences of adjoint gradients (central, or forward with ``central=False``), all
+    points in one batched solve.
 
     The log joint is the prior (cheap: no solve) plus the likelihood, which sees only each
     specimen's values in z, the shared values and the noise (the centered layout, ``w =
