@@ -443,12 +443,21 @@ def plan_integration(spec: ModelSpec, model: Integrable, experiments: Experiment
     if comm is not None:
         mine = comm.shard([float(m) for m in exp.n_points]).index
         columns = (torch.arange(reps)[:, None] * n + mine).flatten()
-
-    def paths(x: torch.Tensor | None) -> torch.Tensor | None:
-        return None if x is None else x.repeat(1, reps)[:, columns]
-
+    paths = [take_columns(x, columns, reps)
+             for x in (exp.time, exp.strain, exp.temperature, exp.mask)]
     return plan_substeps(
-        model, {k: v.detach()[columns] if v.dim() else v.detach() for k, v in values.items()},
-        paths(exp.time), paths(exp.strain), options, paths(exp.temperature), paths(exp.mask),
-        reduce_max=None if comm is None else comm.all_reduce_max)
+        model, take_columns({k: v.detach() for k, v in values.items()}, columns), *paths[:2],
+        options, *paths[2:], reduce_max=None if comm is None else comm.all_reduce_max)
+
+
+def take_columns(x, columns: torch.Tensor, reps: int = 1):
+    """Columns ``columns`` of ``x``, specimens (or paths) along the last dimension, after
+    repeating it ``reps`` times (column ``r * n + j``: specimen ``j`` at the ``r``-th
+    parameter set): a ``(point, specimen)`` path, a dict of parameter tensors (scalars, shared
+    by all, are kept as they are) or None."""
+    if x is None:
+        return None
+    if isinstance(x, dict):
+        return {k: take_columns(v, columns, reps) if v.dim() else v for k, v in x.items()}
+    return x.repeat(*([1] * (x.dim() - 1)), reps)[..., columns]
 

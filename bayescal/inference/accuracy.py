@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from bayescal.card import ModelSpec
-from bayescal.hierarchy import Hierarchy, plan_integration
+from bayescal.hierarchy import Hierarchy, plan_integration, take_columns
 from bayescal.inference.draws import posterior_draws
 from bayescal.integrate import estimate_error
 
@@ -51,10 +51,10 @@ def error_at(h: Hierarchy, values: dict[str, torch.Tensor]) -> torch.Tensor:
                               exp.temperature, exp.mask)
     # several ranks: each estimates its shard's specimens, and every rank gets them all
     mine = h.shard.index
-    local = estimate_error(
-        h.model, {k: v[mine] if v.dim() else v for k, v in params.items()}, exp.time[:, mine],
-        exp.strain[:, mine], h.substeps, h.options,
-        None if exp.temperature is None else exp.temperature[:, mine], exp.mask[:, mine])
+    time, strain, temperature, mask = (take_columns(x, mine) for x in (
+        exp.time, exp.strain, exp.temperature, exp.mask))
+    local = estimate_error(h.model, take_columns(params, mine), time, strain, h.substeps,
+                           h.options, temperature, mask)
     return h.shard.gather(local, dim=-1)
 
 
