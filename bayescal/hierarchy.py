@@ -113,9 +113,10 @@ class Solving:
 
     ``strict``: a failed solve raises :class:`SolverFailure` (else its specimens' stress is
     NaN, which makes the density -inf or NaN). ``warm_start``: each solve starts Newton from
-    the previous solve's trajectory when the batch has the same size (successive Newton
-    iterates change the parameters only a little; SVI's particles change every step, where a
-    stale start costs more Newton iterations than it saves). ``reports`` collects every solve's report.
+    the previous solve's trajectory (``previous``) when the batch has the same size (NUTS's
+    successive leapfrog points differ little; SVI's particles change every step, where a
+    stale start costs more Newton iterations than it saves). ``reports`` collects every
+    solve's report.
     """
 
     strict: bool = True

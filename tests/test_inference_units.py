@@ -71,16 +71,19 @@ def conditional_log_density(cv, s2, k, spread, m):
     return -0.5 * (cv / spread) ** 2 - m * math.log(tau) - s2 / (2 * tau**2)
 
 
-def test_spread_at_specimens_is_the_conditional_mode(problem):
+@pytest.mark.parametrize("joint", [False, True])
+def test_spread_at_specimens_is_the_conditional_mode(problem, joint):
     """Each cv moves to the maximum of its conditional density (closed form checked against
-    a fine grid search), keeping every specimen's value."""
+    a fine grid search), keeping every specimen's value: with the location integrated out
+    (``m = n - 1``), or in the non-centered joint density (``joint``: ``m = -1``, the
+    ``cv`` of the log transform's Jacobian and no volume factor)."""
     packing = packing_for(problem)
     h, where = packing.h, packing.slices()
     u = random_points(packing, 3, seed=1)
-    moved = packing.spread_at_specimens(u)
+    moved = packing.spread_at_specimens(u, joint=joint)
     torch.testing.assert_close(packing.likelihood_coordinates(moved),
                                packing.likelihood_coordinates(u), rtol=0, atol=1e-10)
-    m = h.experiments.n_specimens - 1
+    m = -1 if joint else h.experiments.n_specimens - 1
     for name in h.spec.varying:
         spread = h.spec.parameters[name].spread
         for row in range(u.shape[0]):
@@ -130,8 +133,8 @@ def test_log_joint_is_prior_plus_likelihood_and_from_centered_inverts(problem):
 
 
 class _Quadratic:
-    """A packing-like stand-in for the line search: log joint ``-(u - 1)^2`` summed,
-    counting the points it is asked for."""
+    """A packing-like stand-in for the line search: log likelihood ``-(u - 1)^2`` summed,
+    flat prior, counting the points solved."""
 
     class h:
         non_centered = ()
@@ -139,9 +142,12 @@ class _Quadratic:
     def __init__(self):
         self.points = 0
 
-    def log_joint(self, u, solving=None):
+    def log_likelihood(self, u, solving=None):
         self.points += u.shape[0]
         return -((u - 1.0) ** 2).sum(-1)
+
+    def log_prior(self, u):
+        return torch.zeros(u.shape[0], dtype=u.dtype)
 
 
 def test_line_search_tries_the_full_step_alone_first():
@@ -161,6 +167,31 @@ def test_line_search_tries_the_full_step_alone_first():
     torch.testing.assert_close(point, torch.ones(3, dtype=torch.float64))  # 0.5 of 2
     packing = _Quadratic()  # a step the wrong way: nothing gains
     assert _line_search(packing, u, -torch.ones(3, dtype=torch.float64), -3.0) == (None, 0.0)
+
+
+def test_the_line_search_values_the_moved_populations_without_a_solve(problem, monkeypatch):
+    """Each length is solved once; its point with the populations at their conditional
+    mode (same specimen values) is valued by its prior alone, and that value is the log
+    joint there."""
+    from bayescal.inference.laplace import _line_search
+
+    packing = packing_for(problem)
+    u = random_points(packing, 1, seed=5, scale=0.3)[0]
+    with torch.no_grad():
+        value = float(packing.log_joint(u[None])[0])
+    delta = torch.full_like(u, 1e-9)  # the step itself gains nothing; the move does
+    solved = []
+    log_likelihood = Packing.log_likelihood
+    monkeypatch.setattr(Packing, "log_likelihood", lambda self, rows, solving=None: (
+        solved.append(rows.shape[0]), log_likelihood(self, rows, solving))[1])
+    point, gain = _line_search(packing, u, delta, value)
+    assert solved[0] == 1  # the full step alone, once
+    moved = packing.spread_at_specimens(u[None] + delta, joint=True)[0]
+    torch.testing.assert_close(point, moved, rtol=0, atol=0)
+    with torch.no_grad():
+        assert gain > 1.0
+        torch.testing.assert_close(float(packing.log_joint(point[None])[0]), value + gain,
+                                   rtol=1e-12, atol=1e-8)
 
 
 def test_the_hessian_solves_only_where_the_likelihood_curves(problem, monkeypatch):
