@@ -35,7 +35,7 @@ from bayescal.distributed import Communicator
 from bayescal.errors import BadInput, InvalidSetting
 from bayescal.export import POPULATION_SUFFIXES, population_names
 from bayescal.hierarchy import Bounded
-from bayescal.integrate import SolverOptions, fixed_substeps, plan_substeps, simulate
+from bayescal.integrate import MAX_BATCH, SolverOptions, fixed_substeps, plan_substeps, simulate
 
 BAND = (0.05, 0.5, 0.95)
 
@@ -251,7 +251,7 @@ def prediction_substeps(model, options: SolverOptions, parameters: dict[str, tor
 
 
 def propagate(spec: ModelSpec, parameters: dict[str, torch.Tensor], load: Experiments,
-              max_batch: int = 8192, progress: bool = False,
+              max_batch: int = MAX_BATCH, progress: bool = False,
               comm: Communicator | None = None) -> tuple[torch.Tensor, int]:
     """Noise-free stress ``(draw, path, step)`` for parameters broadcastable to
     ``(draw, path)``, in batched solves; returns it with the number of failed draws.
@@ -289,7 +289,7 @@ def propagate(spec: ModelSpec, parameters: dict[str, torch.Tensor], load: Experi
 
 def predict(idata: az.InferenceData, load: Experiments, draws: int = 500, fitted: bool = False,
             seed: int = 0, noise: bool = True, spec: ModelSpec | None = None,
-            max_batch: int = 8192, progress: bool = False,
+            max_batch: int = MAX_BATCH, progress: bool = False,
             comm: Communicator | None = None) -> Prediction:
     """Push ``draws`` posterior draws of ``idata`` through the paths of ``load``; on
     several ranks (``comm``), each solving a share of the draws, with the same result on

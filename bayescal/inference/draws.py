@@ -14,6 +14,7 @@ from pyro.infer import Predictive
 from pyro.infer.autoguide import AutoDelta
 
 from bayescal.hierarchy import Hierarchy
+from bayescal.integrate import MAX_BATCH
 from bayescal.inference.packing import Packing, latent_names
 
 
@@ -64,7 +65,7 @@ def _globals(h: Hierarchy) -> set[str]:
 
 
 def posterior_draws(h: Hierarchy, latents: dict[str, torch.Tensor],
-                    max_batch: int = 8192, unique: bool = False) -> Draws:
+                    max_batch: int = MAX_BATCH, unique: bool = False) -> Draws:
     """Physical parameters, population moments and noise-free stress for latent draws.
 
     ``unique`` says that every draw is the same point (MAP): it is solved once.

@@ -35,6 +35,7 @@ from pyro.infer.autoguide import AutoContinuous, AutoNormal
 
 from bayescal.arviz_import import az
 from bayescal.hierarchy import Solving
+from bayescal.integrate import MAX_BATCH
 
 #: Below this k-hat the approximation can be used as it is (Vehtari et al. 2024).
 K_RELIABLE = 0.5
@@ -77,7 +78,7 @@ def guide_log_density(guide, packing, u: torch.Tensor) -> torch.Tensor:
     raise TypeError(f"no density for a guide of type {type(guide).__name__}")
 
 
-def log_joint(packing, u: torch.Tensor, max_batch: int = 8192) -> torch.Tensor:
+def log_joint(packing, u: torch.Tensor, max_batch: int = MAX_BATCH) -> torch.Tensor:
     """``log p(u, y)`` (unconstrained, Jacobian included) for each row of ``u``, in batched
     solves of at most ``max_batch`` specimen solves; ``-inf`` where a solve failed."""
     per_piece = max(1, max_batch // packing.h.experiments.n_specimens)
@@ -108,7 +109,7 @@ def pareto_smooth(log_ratio: np.ndarray) -> tuple[np.ndarray, float]:
 
 
 def check_approximation(packing, guide, latents: dict[str, torch.Tensor],
-                        max_batch: int = 8192, log_likelihood: torch.Tensor | None = None
+                        max_batch: int = MAX_BATCH, log_likelihood: torch.Tensor | None = None
                         ) -> ImportanceCheck:
     """Log ratios, smoothed weights and k-hat of ``guide``'s draws ``latents`` (shaped as
     :func:`~bayescal.inference.draws.sample_guide` gives them) on ``packing``'s model.
