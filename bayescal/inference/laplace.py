@@ -247,9 +247,8 @@ def _line_search(packing: Packing, u: torch.Tensor, delta: torch.Tensor, value: 
 
     The moved point has the same specimen values, so the same likelihood: it costs no solve
     of its own, only its prior. Trying the full step alone first solves 1 point per
-    iteration instead of 6 where Newton's step is good (near the mode, nearly always); its
-    points cost as much as the gradient's on real data (the 304L set: 12 points 10 s, the
-    Hessian's 11 points 9 s).
+    iteration, not 6, where Newton's step is good (near the mode, nearly always): on real
+    data a line-search point costs about as much as a point of the Hessian's batch.
     """
     scale = min(1.0, MAX_STEP / float(delta.abs().max()))
     for alphas in (LINE_SEARCH[:1], LINE_SEARCH[1:]):
