@@ -221,3 +221,40 @@ def test_a_killed_run_resumes_and_ends_with_the_same_draws(tmp_path, monkeypatch
     with pytest.raises(BadInput, match="belongs to another run"):
         nuts.run_nuts(h, config, SVIConfig(), checkpoint_folder=tmp_path, resume=True,
                       **{**settings, "fingerprint": {"run": "another"}})
+
+
+def test_the_potential_starts_newton_from_its_last_trajectory(monkeypatch):
+    """Each evaluation hands the previous one's trajectory to the solver as Newton's start,
+    and the warm-started log density and gradient equal a fresh evaluation's."""
+    from bayescal.inference.packing import Packing, initial_values
+
+    experiments, _ = synthetic(2, seed=1, points_per_segment=4)
+    h = Hierarchy(long_chunks(load_card(CARD)), experiments, centered=True)
+    packing = Packing(h, initial_values(h))
+    root = 0.05 * torch.eye(packing.dim, dtype=torch.float64)
+    starts = []
+    integrate = Hierarchy._integrate
+
+    def recording(self, params, batch, grid, adjoint, solving, agree=None):
+        starts.append(solving.previous if solving.warm_start else None)
+        return integrate(self, params, batch, grid, adjoint, solving, agree)
+
+    monkeypatch.setattr(Hierarchy, "_integrate", recording)
+
+    def value_and_grad(potential, w):
+        w = w.clone().requires_grad_(True)
+        value = potential({"w": w})
+        value.backward()
+        return float(value.detach()), w.grad
+
+    warm = nuts._Potential(packing, packing.u0, root)
+    w = torch.zeros(packing.dim, dtype=torch.float64)
+    value_and_grad(warm, w)
+    first = warm.last_states
+    assert starts == [None] and first is not None
+    warm_value, warm_grad = value_and_grad(warm, w + 0.1)
+    assert starts[1] is first  # the second solve started from the first's trajectory
+    fresh_value, fresh_grad = value_and_grad(nuts._Potential(packing, packing.u0, root), w + 0.1)
+    assert starts[2] is None
+    assert abs(warm_value - fresh_value) <= 1e-9 * abs(fresh_value)
+    torch.testing.assert_close(warm_grad, fresh_grad, rtol=1e-6, atol=1e-8)
