@@ -271,8 +271,10 @@ def check_adjoint(model: Integrable, params: Mapping[str, float], calibrated: Se
 
 def check_chunking(model: Integrable, params: Mapping[str, float], load: CheckLoad,
                    options: SolverOptions) -> CheckResult:
-    """Stress with the card's ``n_chunk`` against a sequential solve."""
+    """Stress with the card's ``n_chunk`` (or the automatic one for the check's paths)
+    against a sequential solve."""
     name, tol = "chunking", TOLERANCES["chunking"]
+    options = options.for_batch(load.time.shape[1])
     p = _tensors(params, load.time)
     substeps = card_substeps(model, params, load, options)
     chunked, report = simulate(model, p, load.time, load.strain, options, adjoint=False,

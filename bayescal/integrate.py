@@ -6,8 +6,8 @@ One solver path serves fit, NUTS, predict, simulate and check:
   the estimated stress error stays below a tolerance (step doubling), because one implicit
   step per recorded point is far off; :func:`refine` puts those sub-steps between the
   recorded points;
-* :func:`integrate` solves ``n_chunk`` steps at a time with pyzag's blocked Newton and,
-  when asked, differentiates with pyzag's chunked adjoint
+* :func:`integrate` solves ``n_chunk`` steps at a time (:func:`chunk_steps`) with pyzag's
+  blocked Newton and, when asked, differentiates with pyzag's chunked adjoint
   (:func:`pyzag.nonlinear.solve_adjoint`); a chunk that fails (non-convergence or NaN,
   which pyzag's Newton counts as converged) is re-solved in halves down to single steps,
   and whatever still fails is reported per specimen and left as NaN, never as zeros;
@@ -21,7 +21,7 @@ wrong gradients, silently.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Mapping
 
 import torch
@@ -53,9 +53,12 @@ class SolverOptions:
     below ``tolerance`` (MPa). ``substeps`` fixes them by hand instead: ``substeps`` steps per
     recorded interval, ``transient_substeps`` (default four times as many) in an interval
     that starts with a change of strain rate.
+
+    ``n_chunk`` steps are solved together in one Newton system; by default (``None``) the
+    number follows the batch of paths solved together (:func:`chunk_steps`).
     """
 
-    n_chunk: int = 20
+    n_chunk: int | None = None
     scheme: str = DEFAULT_SCHEME
     tolerance: float = 0.05
     substeps: int | None = None
@@ -72,6 +75,34 @@ class SolverOptions:
     def automatic(self) -> bool:
         """Whether the sub-steps are chosen from ``tolerance`` (no ``substeps`` given)."""
         return self.substeps is None
+
+    def for_batch(self, batch: int) -> SolverOptions:
+        """These options with ``n_chunk`` fixed for a solve of ``batch`` paths."""
+        if self.n_chunk is not None:
+            return self
+        return replace(self, n_chunk=chunk_steps(batch))
+
+
+#: Steps per chunk without a card's ``n_chunk``: ``(most paths, steps)``, the first row
+#: that admits the batch; larger batches take :data:`SHORTEST_AUTOMATIC_CHUNK`.
+AUTOMATIC_CHUNKS = ((127, 20), (511, 10))
+SHORTEST_AUTOMATIC_CHUNK = 5
+
+
+def chunk_steps(batch: int) -> int:
+    """Steps per chunk for a solve of ``batch`` paths when the card does not fix them.
+
+    A small batch costs per torch call, so long chunks (fewer calls) pay. A large one costs
+    per element, and there a long chunk loses: Newton on a chunk carries each step's error
+    into the next, so it needs more iterations than on a short one, and on a stiff flow
+    rule (voce-jc) more chunks fail and are re-solved in halves. The rows are the fastest
+    chunk lengths measured for the built-in models from 12 to 1024 paths
+    (``benchmarks/chunks.py``; benchmarks/README.md, chunks).
+    """
+    for most, steps in AUTOMATIC_CHUNKS:
+        if batch <= most:
+            return steps
+    return SHORTEST_AUTOMATIC_CHUNK
 
 
 @dataclass(frozen=True)
@@ -370,6 +401,7 @@ def integrate(model: Integrable, params: Mapping[str, torch.Tensor | float], gri
     optimiser step's), replaces the predictor as Newton's starting point.
     """
     batch = grid.time.shape[1]
+    options = options.for_batch(batch)
     p = broadcast_params(model, params, batch, grid.time)
     n_stages = model.stages(options.scheme)
     factory = model.factory(p, options.scheme)

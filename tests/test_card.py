@@ -108,7 +108,7 @@ def test_solver_and_noise_default(tmp_path):
     text = edit("[noise]\nprior_scale = 5.0\n", "")
     text = edit("[solver]\nn_chunk = 10\nsubsteps = 2\nrtol = 1e-6\natol = 1e-9\n", "", text)
     spec = load_card(write(tmp_path, text))
-    assert spec.solver == SolverOptions(n_chunk=20, scheme="radau-iia", tolerance=0.05,
+    assert spec.solver == SolverOptions(n_chunk=None, scheme="radau-iia", tolerance=0.05,
                                         substeps=None, rtol=1e-12, atol=1e-8)
     assert spec.solver.automatic
     assert spec.noise_prior_scale == 10.0
@@ -148,7 +148,7 @@ def test_shipped_cards(name, calibrated, varying, shared, fixed):
     assert spec.model == name and spec.backend == "builtin"
     assert (spec.calibrated, spec.varying, spec.shared, spec.fixed) == (calibrated, varying, shared, fixed)
     assert spec.parameters["E"].value == 200000.0
-    assert spec.solver == SolverOptions(n_chunk=20, tolerance=0.05, rtol=1e-12, atol=1e-8)
+    assert spec.solver == SolverOptions(n_chunk=None, tolerance=0.05, rtol=1e-12, atol=1e-8)
     assert spec.noise_prior_scale == 10.0
     assert all(spec.parameters[p].spread == 0.1 for p in varying)
     assert MODELS_DIR.joinpath(f"{name}.toml").read_text().startswith("# ")

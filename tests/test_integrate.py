@@ -16,6 +16,7 @@ from bayescal.reference import radau_stress
 from bayescal.integrate import (
     Grid,
     SolverOptions,
+    chunk_steps,
     integrate,
     integrate_unrolled,
     fixed_substeps,
@@ -152,6 +153,32 @@ def test_chunk_sizes_agree_at_tight_tolerance(name):
 @pytest.mark.parametrize("name", ["perzyna-voce", "chaboche"])
 def test_chunk_sizes_agree_with_default_options(name):
     assert _chunk_disagreement(name, SolverOptions()) <= 1e-8
+
+
+@pytest.mark.parametrize("batch, steps", [(1, 20), (127, 20), (128, 10), (511, 10), (512, 5),
+                                          (4096, 5)])
+def test_the_automatic_chunk_follows_the_batch_and_a_card_value_wins(batch, steps):
+    assert chunk_steps(batch) == steps
+    assert SolverOptions().for_batch(batch).n_chunk == steps
+    assert SolverOptions(n_chunk=7).for_batch(batch).n_chunk == 7
+
+
+def test_a_large_batch_is_solved_in_short_chunks_as_accurately(monkeypatch):
+    """512 paths without a card's n_chunk: pyzag is given chunks of 5 steps, and stress
+    equals a sequential solve's within 1e-8 of its largest value."""
+    from pyzag import nonlinear
+
+    chunks = []
+    generator = nonlinear.StepGenerator
+    monkeypatch.setattr(nonlinear, "StepGenerator",
+                        lambda block, **kw: chunks.append(block) or generator(block, **kw))
+    model, P = get_model("perzyna-voce"), PARAMS["perzyna-voce"]
+    t, e = informative_path(10, batch=512)
+    p = {k: torch.full((512,), v) * torch.linspace(0.9, 1.1, 512) for k, v in P.items()}
+    automatic, report = simulate(model, p, t, e, SolverOptions(substeps=2), adjoint=False)
+    assert report.n_failed == 0 and chunks == [5]
+    sequential, _ = simulate(model, p, t, e, SolverOptions(substeps=2, n_chunk=1), adjoint=False)
+    assert ((automatic - sequential).abs().max() / sequential.abs().max()).item() <= 1e-8
 
 
 def test_two_forward_solves_then_one_backward():

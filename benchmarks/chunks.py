@@ -1,0 +1,106 @@
+"""Benchmark: the time of one gradient evaluation against the chunk length and the batch.
+
+The problem is ``benchmarks/gradient.py``'s: for each built-in model's shipped card,
+``--batches`` specimens drawn from the card's prior population (seed 0) on the informative
+load path, on the grid this tree plans at the card's tolerance; one gradient is the forward
+solve plus the chunked adjoint of ``sum(w * stress)``. For each model and batch, every
+``--chunks`` length is timed in one process (one torch thread), the lengths taking turns
+``--rounds`` times so that a load change on a shared machine hits them all; reported is
+each length's best time, the fastest length, and the length that ``chunk_steps`` (the
+default without a card's ``n_chunk``) picks with its time relative to the fastest and to
+chunks of 20 steps (the cards' setting before it). The gradients of all lengths agree to
+the Newton tolerance: the largest relative difference from the first length is reported.
+
+Usage::
+
+    PYTHONPATH=. python benchmarks/chunks.py                  # ~10 min on 2 cores
+    PYTHONPATH=. python benchmarks/chunks.py --models voce-jc --batches 256 1024
+
+Writes ``benchmarks/results/chunks.json`` (``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gradient import MODELS, RESULTS, plan, problem  # noqa: E402
+
+from bayescal.integrate import chunk_steps, integrate, refine  # noqa: E402
+
+
+def measure(name: str, batch: int, chunks: list[int], rounds: int) -> dict:
+    """Best gradient time per chunk length, and the gradients' largest relative spread."""
+    spec, model, params, t, e = problem(name, batch)
+    grid = refine(t, e, torch.tensor(plan(name, batch)))
+    w = torch.linspace(0.5, 1.5, grid.recorded.numel(), dtype=torch.float64)[:, None]
+
+    def gradient(n_chunk: int) -> torch.Tensor:
+        p = {k: v.clone().requires_grad_(k in spec.calibrated) for k, v in params.items()}
+        states, report = integrate(model, p, grid, replace(spec.solver, n_chunk=n_chunk))
+        (w * model.stress(states[grid.recorded])).sum().backward()
+        assert report.n_failed == 0, "a specimen failed to integrate"
+        return torch.cat([p[k].grad.flatten() for k in spec.calibrated])
+
+    reference = gradient(chunks[0])
+    spread = 0.0
+    for n in chunks:
+        g = gradient(n)  # warm-up, and the gradient's agreement
+        spread = max(spread, float(((g - reference).abs()
+                                    / reference.abs().clamp_min(1e-300)).max()))
+    best = {n: float("inf") for n in chunks}
+    for r in range(rounds):
+        for n in (chunks if r % 2 == 0 else chunks[::-1]):
+            start = time.perf_counter()
+            gradient(n)
+            best[n] = min(best[n], time.perf_counter() - start)
+    return {"model": name, "batch": batch, "steps": grid.n_steps - 1,
+            "best_s": {str(n): s for n, s in best.items()}, "gradient_max_rel_diff": spread}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", nargs="+", default=list(MODELS))
+    parser.add_argument("--batches", nargs="+", type=int, default=[12, 64, 256, 1024])
+    parser.add_argument("--chunks", nargs="+", type=int, default=[3, 5, 10, 20, 40])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=RESULTS / "chunks.json")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    if 20 not in args.chunks:
+        parser.error("--chunks must include 20 (the reference length)")
+    rows = []
+    head = "".join(f"{f'n={n}':>9}" for n in args.chunks)
+    print(f"best seconds per gradient (forward + adjoint), {args.rounds} rounds, 1 thread\n")
+    print(f"{'model':13s}{'batch':>6}{'steps':>6}{head}  fastest  auto  auto/fastest  20/auto")
+    for name in args.models:
+        for batch in args.batches:
+            row = measure(name, batch, args.chunks, args.rounds)
+            best = {int(n): s for n, s in row["best_s"].items()}
+            fastest = min(best, key=best.get)
+            auto = chunk_steps(batch)
+            auto_s = best.get(auto, float("nan"))
+            row.update(fastest=fastest, automatic=auto, automatic_over_fastest=auto_s / best[fastest],
+                       twenty_over_automatic=best[20] / auto_s)
+            rows.append(row)
+            cells = "".join(f"{best[n]:9.4f}" for n in args.chunks)
+            print(f"{name:13s}{batch:6d}{row['steps']:6d}{cells}  {fastest:7d}  {auto:4d}  "
+                  f"{row['automatic_over_fastest']:12.2f}  {row['twenty_over_automatic']:7.2f}",
+                  flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({
+        "machine": f"{platform.machine()}, torch {torch.__version__}, 1 thread",
+        "rounds": args.rounds, "rows": rows}, indent=1) + "\n")
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
