@@ -290,3 +290,24 @@ def test_specimen_sd_ratio_is_the_sd_of_a_specimen_value_over_tau(problem):
         assert math.isclose(ratios[name], math.sqrt(v), rel_tol=1e-10), (name, ratios[name])
     assert choose_centered(ratios) == {"sy", "Rinf"}
     assert math.isclose(CENTERED_BELOW, 2 ** -0.5)
+
+
+def test_draws_of_one_point_are_solved_and_valued_once(problem, monkeypatch):
+    """A MAP fit's draws (``unique``): one solve, and each draw's log likelihood equals that
+    of the same draws taken as distinct points."""
+    from bayescal.inference.draws import log_likelihood, posterior_draws
+
+    experiments = problem
+    packing = packing_for(experiments)
+    h = packing.h
+    point = {k: v[None].expand(3, *v.shape).clone() for k, v in packing.point(packing.u0).items()}
+    solved = []
+    responses = Hierarchy.responses
+    monkeypatch.setattr(Hierarchy, "responses", lambda self, piece: (
+        solved.append(len(piece["noise_sd"])), responses(self, piece))[1])
+    same = posterior_draws(h, point, unique=True)
+    distinct = posterior_draws(h, point)
+    assert solved == [1, 3] and same.same_point and not distinct.same_point
+    torch.testing.assert_close(log_likelihood(h, same), log_likelihood(h, distinct),
+                               rtol=1e-12, atol=0.0)
+    assert log_likelihood(h, same).shape == (3, experiments.n_specimens)

@@ -27,6 +27,7 @@ class Draws:
     noise_sd: torch.Tensor  # (draw,)
     stress_mean: torch.Tensor  # (draw, specimen, step), noise-free
     failed_draws: int = 0
+    same_point: bool = False  # every draw is one point (a MAP fit's): one solve, one likelihood
 
     def take(self, index) -> Draws:
         """The draws at ``index`` (e.g. an importance resampling's, repeats allowed)."""
@@ -35,7 +36,7 @@ class Draws:
         return Draws(parameters={k: v[index] for k, v in self.parameters.items()},
                      population={k: v[index] for k, v in self.population.items()},
                      noise_sd=self.noise_sd[index], stress_mean=self.stress_mean[index],
-                     failed_draws=int(failed.sum()))
+                     failed_draws=int(failed.sum()), same_point=self.same_point)
 
 
 def sample_guide(h: Hierarchy, guide, n: int, seed: int) -> dict[str, torch.Tensor]:
@@ -87,7 +88,8 @@ def posterior_draws(h: Hierarchy, latents: dict[str, torch.Tensor],
         stress_mean = stress_mean.expand(n, *stress_mean.shape[1:])
         failed *= n
     return Draws(parameters=parameters, population=h.population(latents),
-                 noise_sd=latents["noise_sd"], stress_mean=stress_mean, failed_draws=failed)
+                 noise_sd=latents["noise_sd"], stress_mean=stress_mean, failed_draws=failed,
+                 same_point=unique)
 
 
 def predictive_and_loglik(h: Hierarchy, draws: Draws, seed: int):
@@ -104,8 +106,9 @@ def predictive_and_loglik(h: Hierarchy, draws: Draws, seed: int):
 def log_likelihood(h: Hierarchy, draws: Draws) -> torch.Tensor:
     """Each specimen's log likelihood of the data per draw, ``(draw, specimen)``: the
     model's observed term (:meth:`Hierarchy.__call__`) from the draws' solved stress (NaN
-    where a draw's solve failed)."""
+    where a draw's solve failed). Draws of one point are evaluated once."""
     exp = h.experiments
-    logp = torch.distributions.Normal(draws.stress_mean, draws.noise_sd[:, None, None]
+    n = 1 if draws.same_point else len(draws.noise_sd)
+    logp = torch.distributions.Normal(draws.stress_mean[:n], draws.noise_sd[:n, None, None]
                                       ).log_prob(torch.nan_to_num(exp.stress.T))
-    return torch.where(exp.mask.T, logp, 0.0).sum(-1)
+    return torch.where(exp.mask.T, logp, 0.0).sum(-1).expand(len(draws.noise_sd), -1).clone()
