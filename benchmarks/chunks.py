@@ -32,23 +32,20 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gradient import MODELS, RESULTS, plan, problem  # noqa: E402
+from gradient import MODELS, RESULTS, one_gradient, plan, problem, weights  # noqa: E402
 
-from bayescal.integrate import chunk_steps, integrate, refine  # noqa: E402
+from bayescal.integrate import chunk_steps, refine  # noqa: E402
 
 
 def measure(name: str, batch: int, chunks: list[int], rounds: int) -> dict:
     """Best gradient time per chunk length, and the gradients' largest relative spread."""
     spec, model, params, t, e = problem(name, batch)
     grid = refine(t, e, torch.tensor(plan(name, batch)))
-    w = torch.linspace(0.5, 1.5, grid.recorded.numel(), dtype=torch.float64)[:, None]
+    w = weights(grid)
 
     def gradient(n_chunk: int) -> torch.Tensor:
-        p = {k: v.clone().requires_grad_(k in spec.calibrated) for k, v in params.items()}
-        states, report = integrate(model, p, grid, replace(spec.solver, n_chunk=n_chunk))
-        (w * model.stress(states[grid.recorded])).sum().backward()
-        assert report.n_failed == 0, "a specimen failed to integrate"
-        return torch.cat([p[k].grad.flatten() for k in spec.calibrated])
+        _, grad = one_gradient(spec, model, params, grid, w, replace(spec.solver, n_chunk=n_chunk))
+        return torch.cat([g.flatten() for g in grad.values()])
 
     reference = gradient(chunks[0])
     spread = 0.0
@@ -88,7 +85,8 @@ def main() -> None:
             fastest = min(best, key=best.get)
             auto = chunk_steps(batch)
             auto_s = best.get(auto, float("nan"))
-            row.update(fastest=fastest, automatic=auto, automatic_over_fastest=auto_s / best[fastest],
+            row.update(fastest=fastest, automatic=auto,
+                       automatic_over_fastest=auto_s / best[fastest],
                        twenty_over_automatic=best[20] / auto_s)
             rows.append(row)
             cells = "".join(f"{best[n]:9.4f}" for n in args.chunks)

@@ -73,32 +73,44 @@ def plan(name: str, specimens: int) -> list[int]:
     return plan_substeps(model, params, t, e, spec.solver).substeps.tolist()
 
 
+def weights(grid):
+    """The weights ``w`` (0.5 to 1.5, one per recorded point) of ``sum(w * stress)``."""
+    import torch
+
+    return torch.linspace(0.5, 1.5, grid.recorded.numel(), dtype=torch.float64)[:, None]
+
+
+def one_gradient(spec, model, params, grid, w, options):
+    """One gradient evaluation: forward solve and chunked adjoint of ``sum(w * stress)`` at
+    the recorded points; returns the stress and the calibrated parameters' gradients."""
+    from bayescal.integrate import integrate
+
+    p = {k: v.clone().requires_grad_(k in spec.calibrated) for k, v in params.items()}
+    states, report = integrate(model, p, grid, options)
+    stress = model.stress(states[grid.recorded])
+    (w * stress).sum().backward()
+    assert report.n_failed == 0, "a specimen failed to integrate"
+    return stress.detach(), {k: p[k].grad for k in spec.calibrated}
+
+
 def worker(case: dict) -> dict:
     """Time ``case["repeats"]`` gradients with whichever ``bayescal`` is on the path."""
     import torch
 
     import bayescal
-    from bayescal.integrate import integrate, refine
+    from bayescal.integrate import refine
 
     torch.set_num_threads(1)
     spec, model, params, t, e = problem(case["model"], case["specimens"])
     grid = refine(t, e, torch.tensor(case["substeps"]))
-    w = torch.linspace(0.5, 1.5, grid.recorded.numel(), dtype=torch.float64)[:, None]
-
-    def gradient():
-        p = {k: v.clone().requires_grad_(k in spec.calibrated) for k, v in params.items()}
-        states, report = integrate(model, p, grid, spec.solver)
-        stress = model.stress(states[grid.recorded])
-        (w * stress).sum().backward()
-        assert report.n_failed == 0, "a specimen failed to integrate"
-        return stress.detach(), {k: p[k].grad.tolist() for k in spec.calibrated}
-
-    gradient()
+    w = weights(grid)
+    one_gradient(spec, model, params, grid, w, spec.solver)
     times = []
     for _ in range(case["repeats"]):
         start = time.perf_counter()
-        stress, grad = gradient()
+        stress, grad = one_gradient(spec, model, params, grid, w, spec.solver)
         times.append(time.perf_counter() - start)
+    grad = {k: g.tolist() for k, g in grad.items()}
     return {"times": times, "gradient": grad, "stress": stress.flatten().tolist(),
             "steps": grid.n_steps - 1, "package": str(Path(bayescal.__file__).parent)}
 
