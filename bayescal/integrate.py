@@ -262,14 +262,29 @@ class _ChunkNewton(chunktime.ChunkNewtonRaphson):
     MIN_ITERATIONS = 3
     LINEAR_RATIO = 0.1
 
+    #: The model's bound on Newton iterates (:meth:`StrainControlledResidual.iterate_bound`),
+    #: applied to the predictor's guess and to every iterate; None: no bound.
+    bound: Callable[[torch.Tensor], torch.Tensor] | None = None
+
     def solve(self, fn, x0):
         self._iteration, self._last, self._target = 0, None, None
+        if self.bound is not None:
+            x0 = DenseBlockVector(self.bound(x0.data))
         return super().solve(fn, x0)
+
+    def _newton_step(self, x, J, fn, R0, take_step):
+        """pyzag's Newton step, the new iterate bounded."""
+        if self.bound is None:
+            return super().step(x, J, fn, R0, take_step)
+        candidate = DenseBlockVector(self.bound((x - J.inverse().matvec(R0)).data))
+        x = candidate.where(torch.any(take_step, dim=0), x)
+        R, J = fn(x)
+        return x, R, J, R.norm(dim=-1)
 
     def step(self, x, J, fn, R0, take_step):
         if self._target is None:  # pyzag's test: converged at atol, or rtol of the start
             self._target = (self.rtol * R0.norm(dim=-1)).clamp_min(self.atol)
-        x, R, J, nR = super().step(x, J, fn, R0, take_step)
+        x, R, J, nR = self._newton_step(x, J, fn, R0, take_step)
         if nR.shape[0] == 1:
             return x, R, J, nR
         self._iteration += 1
@@ -307,7 +322,8 @@ class _RetryingSolver(nonlinear.RecursiveNonlinearEquationSolver):
 
     def __init__(self, factory: nonlinear.NonlinearFunctionOperatorFactory,
                  options: SolverOptions, report: SolveReport,
-                 guess: torch.Tensor | None = None) -> None:
+                 guess: torch.Tensor | None = None,
+                 strain_rate: torch.Tensor | None = None) -> None:
         super().__init__(
             factory,
             step_generator=nonlinear.StepGenerator(
@@ -327,6 +343,9 @@ class _RetryingSolver(nonlinear.RecursiveNonlinearEquationSolver):
         self.retry = options.retry
         self.options = options
         self.report = report
+        self.strain_rate = strain_rate  # (batch,): each path's largest, for the bound
+        if strain_rate is not None and options.retry:
+            self.nonlinear_solver.bound = factory.iterate_bound(strain_rate)
 
     def _newton(self, prev, guess, forces):
         newton = self.nonlinear_solver
@@ -362,7 +381,8 @@ class _RetryingSolver(nonlinear.RecursiveNonlinearEquationSolver):
         # re-solve only the failed specimens, by a solver of their own sub-batch
         index = bad.nonzero().flatten()
         report = SolveReport(failed=torch.zeros(len(index), dtype=torch.bool, device=x.device))
-        solver = _RetryingSolver(restrict(index), self.options, report)
+        solver = _RetryingSolver(restrict(index), self.options, report, None,
+                                 None if self.strain_rate is None else self.strain_rate[index])
         sub = self._halves(solver, prev_solution[:, index], prev_solution[-1:, index].expand(
             steps, -1, -1), [f[:, index] for f in forces])
         self.report.retries += report.retries
@@ -388,6 +408,14 @@ def _stage_guess(guess: torch.Tensor, stages: int, scheme: str) -> torch.Tensor:
     return (start[:, :, None] + c[:, None] * (guess - start)[:, :, None]).flatten(-2)
 
 
+def path_strain_rate(grid: Grid) -> torch.Tensor:
+    """Each path's largest absolute total strain rate over the grid's steps, ``(batch,)``
+    (zero for a path that never strains)."""
+    dt = torch.diff(grid.time, dim=0)
+    rate = torch.diff(grid.strain, dim=0).abs() / torch.where(dt > 0, dt, 1.0)
+    return torch.where(dt > 0, rate, 0.0).amax(dim=0)
+
+
 def integrate(model: Integrable, params: Mapping[str, torch.Tensor | float], grid: Grid,
               options: SolverOptions = SolverOptions(), adjoint: bool = True,
               guess: torch.Tensor | None = None, stages: bool = False
@@ -408,9 +436,11 @@ def integrate(model: Integrable, params: Mapping[str, torch.Tensor | float], gri
     report = SolveReport(failed=torch.zeros(batch, dtype=torch.bool, device=grid.time.device))
     if guess is not None:
         guess = _stage_guess(guess, n_stages, options.scheme)
+    strain_rate = (path_strain_rate(grid) if isinstance(factory, StrainControlledResidual)
+                   else None)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=PYZAG_COMPILE_NOTICE)
-        solver = _RetryingSolver(factory, options, report, guess)
+        solver = _RetryingSolver(factory, options, report, guess, strain_rate)
     y0 = model.initial_state(batch, grid.time).repeat(1, n_stages)
     forces = model.forces(grid.time, grid.strain, grid.temperature)
     if adjoint:

@@ -123,6 +123,15 @@ class MaterialModel(Integrable):
         :attr:`thermal` models read it.
         """
 
+    def bound_iterate(self, state: torch.Tensor, p: Params, rate_bound: torch.Tensor
+                      ) -> torch.Tensor | None:
+        """``state`` (``(..., n_state)``, parameters and ``rate_bound`` broadcastable against
+        ``state[..., 0]``) moved into the region where a solution can lie, for a Newton
+        iterate, or None where the model sets no such region (the default).
+        ``rate_bound`` (1/s) is :data:`RATE_MARGIN` times the path's largest total strain
+        rate: under strain control the plastic strain rate stays below it."""
+        return None
+
     def strain_coupling(self, p: Params, like: torch.Tensor) -> torch.Tensor:
         """``d(state rate) / d(strain rate)``: Young's modulus on the stress component."""
         E = torch.as_tensor(p["E"], dtype=like.dtype, device=like.device)
@@ -160,6 +169,13 @@ def _power_flow(f: torch.Tensor, eta: torch.Tensor, n: torch.Tensor):
     # one power (the costliest elementwise call here), not two
     lower = torch.where(active, ratio ** (n - 1), torch.zeros_like(f))
     return lower * ratio, n / eta * lower
+
+
+#: :meth:`MaterialModel.bound_iterate`'s margin over a path's largest total strain rate.
+#: Under strain control the plastic strain rate follows the total one: it lags it after a
+#: rise of the rate and relaxes from it after a fall, and exceeds it only in a transient
+#: of a softening flow stress; a hundredfold margin keeps every solution inside the bound.
+RATE_MARGIN = 100.0
 
 
 def _jc_flow(f: torch.Tensor, C: torch.Tensor, eps0: torch.Tensor):
@@ -242,6 +258,16 @@ class VoceJC(MaterialModel):
             [h * dp_df * df_dsigma, -d * p_dot + h * dp_df * df_dR],
         ])
         return rate, jac
+
+    def bound_iterate(self, state, p, rate_bound):
+        """|sigma| at most the flow stress times ``1 + C ln(1 + rate_bound / eps0)``, the
+        overstress of the plastic strain rate ``rate_bound``. Reason: Newton started from an
+        overshooting predictor (an elastic step across yield) meets ``exp(f / C)`` far up
+        its exponential range, where each iteration takes only about ``C`` off ``f``
+        (tens of iterations at high rates); from the bound it takes a few."""
+        sigma, R = state[..., 0], state[..., 1]
+        limit = (p["sy"] + R) * (1.0 + p["C"] * torch.log1p(rate_bound / p["eps0"]))
+        return torch.stack([torch.maximum(torch.minimum(sigma, limit), -limit), R], dim=-1)
 
 
 def johnson_cook_softening(T: torch.Tensor, p: Params) -> tuple[torch.Tensor, torch.Tensor]:
@@ -413,6 +439,22 @@ class StrainControlledResidual(torch.nn.Module, NonlinearFunctionOperatorFactory
         only the specimens whose Newton failed, not the whole batch)."""
         params = {key: value.detach()[index] for key, value in self.params().items()}
         return StrainControlledResidual(self.model, params, self.scheme.name)
+
+    def iterate_bound(self, strain_rate: torch.Tensor):
+        """The model's :meth:`MaterialModel.bound_iterate` as a function of a Newton
+        iterate (``(step, batch, stages * n_state)``, every stage bounded), for paths whose
+        largest total strain rates are ``strain_rate`` ``(batch,)``; None where the model
+        sets no bound."""
+        if type(self.model).bound_iterate is MaterialModel.bound_iterate:
+            return None
+        s, n = self.scheme.stages, self.model.n_state
+        p = {key: value.detach()[:, None] for key, value in self.params().items()}
+        rate_bound = (RATE_MARGIN * strain_rate)[:, None]
+
+        def bound(x: torch.Tensor) -> torch.Tensor:
+            return self.model.bound_iterate(x.unflatten(-1, (s, n)), p, rate_bound).flatten(-2)
+
+        return bound
 
     @property
     def lookback(self) -> int:

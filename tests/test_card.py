@@ -148,7 +148,9 @@ def test_shipped_cards(name, calibrated, varying, shared, fixed):
     assert spec.model == name and spec.backend == "builtin"
     assert (spec.calibrated, spec.varying, spec.shared, spec.fixed) == (calibrated, varying, shared, fixed)
     assert spec.parameters["E"].value == 200000.0
-    assert spec.solver == SolverOptions(n_chunk=None, tolerance=0.05, rtol=1e-12, atol=1e-8)
+    # voce-jc is the 304L tutorial's card: its tolerance is 1/40 of those tests' noise sd
+    tolerance = 0.5 if name == "voce-jc" else 0.05
+    assert spec.solver == SolverOptions(n_chunk=None, tolerance=tolerance, rtol=1e-12, atol=1e-8)
     assert spec.noise_prior_scale == 10.0
     assert all(spec.parameters[p].spread == 0.1 for p in varying)
     assert MODELS_DIR.joinpath(f"{name}.toml").read_text().startswith("# ")

@@ -376,11 +376,20 @@ JC_STIFF = dict(E=200000.0, sy=300.0, Rinf=700.0, d=4.0, C=0.02, eps0=1e-3)
 AGGRESSIVE = dict(n_chunk=100, first_chunk=0, predictor="zero", substeps=4)
 
 
+@pytest.fixture
+def no_iterate_bound(monkeypatch):
+    """voce-jc without its bound on Newton iterates (``MaterialModel.bound_iterate``), so
+    that its stiff chunks fail and the retry paths run."""
+    from bayescal.material import MaterialModel, VoceJC
+
+    monkeypatch.setattr(VoceJC, "bound_iterate", MaterialModel.bound_iterate)
+
+
 def _high_rate_path():
     return piecewise_path([(0.2 / 1e3, 0.2)], 40)  # 1e3 /s to 20% strain
 
 
-def test_retry_rescues_a_chunk_that_fails():
+def test_retry_rescues_a_chunk_that_fails(no_iterate_bound):
     model = get_model("voce-jc")
     t, e = _high_rate_path()
     stress, report = simulate(model, JC_STIFF, t, e, SolverOptions(retry=False, **AGGRESSIVE),
@@ -397,7 +406,7 @@ def test_retry_rescues_a_chunk_that_fails():
     assert ((stress - sequential).abs().max() / sequential.abs().max()).item() <= 1e-6
 
 
-def test_adjoint_after_retries_matches_sequential_solve():
+def test_adjoint_after_retries_matches_sequential_solve(no_iterate_bound):
     model = get_model("voce-jc")
     t, e = _high_rate_path()
     grads = []
@@ -411,7 +420,55 @@ def test_adjoint_after_retries_matches_sequential_solve():
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-6, atol=0.0)
 
 
-def test_a_few_failed_specimens_of_a_large_batch_are_re_solved_alone(monkeypatch):
+def test_the_iterate_bound_converges_where_newton_crept_to_the_same_solution(monkeypatch):
+    """voce-jc's bound on Newton iterates (|sigma| at most the flow stress times
+    ``1 + C ln(1 + 100 max|strain rate| / eps0)``): a chunk that fails without it (Newton
+    creeping down the exponential flow rule from a predictor beyond yield) converges with it,
+    without a retry and in fewer residual evaluations, to the stress and adjoint gradient of
+    a sequential solve; and on prior draws on the informative path stress and gradient are
+    those of a solve without the bound."""
+    from bayescal.material import MaterialModel, VoceJC
+
+    calls = _count_evaluations(monkeypatch)
+    model = get_model("voce-jc")
+    names = ("sy", "Rinf", "C")
+
+    def solve(t, e, params, options):
+        p = {k: torch.as_tensor(v, dtype=torch.float64).clone().requires_grad_(k in names)
+             for k, v in params.items()}
+        calls[0] = 0
+        stress, report = simulate(model, p, t, e, options)
+        evaluations = calls[0]
+        assert report.n_failed == 0
+        (_weights(t.shape[0]) * stress).sum().backward()
+        return (stress.detach(), torch.stack([p[k].grad for k in names]), report.retries,
+                evaluations)
+
+    t, e = _high_rate_path()
+    bounded = solve(t, e, JC_STIFF, SolverOptions(**AGGRESSIVE))
+    sequential = solve(t, e, JC_STIFF, SolverOptions(n_chunk=1, substeps=4))
+    batch = 16
+    tb, eb = informative_path(10, batch=batch)
+    g = torch.Generator().manual_seed(3)
+    draws = {k: v * (1.0 + 0.2 * (torch.rand(batch, generator=g, dtype=torch.float64) - 0.5))
+             for k, v in JC_STIFF.items()}
+    draws["C"] = torch.full((batch,), 0.02, dtype=torch.float64)
+    options = SolverOptions(n_chunk=20, substeps=2, transient_substeps=8)
+    draws_bounded = solve(tb, eb, draws, options)
+    monkeypatch.setattr(VoceJC, "bound_iterate", MaterialModel.bound_iterate)
+    unbounded = solve(t, e, JC_STIFF, SolverOptions(**AGGRESSIVE))
+    draws_unbounded = solve(tb, eb, draws, options)
+
+    assert unbounded[2] > 0 and bounded[2] == 0  # the chunk failed without the bound only
+    assert bounded[3] < 0.5 * unbounded[3]
+    assert ((bounded[0] - sequential[0]).abs().max() / sequential[0].abs().max()) <= 1e-9
+    torch.testing.assert_close(bounded[1], sequential[1], rtol=1e-7, atol=0.0)
+    torch.testing.assert_close(draws_bounded[0], draws_unbounded[0], rtol=1e-10, atol=1e-8)
+    torch.testing.assert_close(draws_bounded[1], draws_unbounded[1], rtol=1e-8, atol=0.0)
+
+
+def test_a_few_failed_specimens_of_a_large_batch_are_re_solved_alone(monkeypatch,
+                                                                      no_iterate_bound):
     """In a batch of 64 where 4 stiff specimens fail a chunk, only those 4 are re-solved
     (a sub-batch), and stress and adjoint gradient equal a sequential solve's."""
     from bayescal.material import StrainControlledResidual
@@ -522,7 +579,8 @@ def _count_evaluations(monkeypatch):
     return calls
 
 
-def test_giving_up_a_hopeless_chunk_saves_newton_iterations_not_accuracy(monkeypatch):
+def test_giving_up_a_hopeless_chunk_saves_newton_iterations_not_accuracy(monkeypatch,
+                                                                         no_iterate_bound):
     """On a path where voce-jc's chunks fail, giving up early re-solves them in halves after
     a few iterations instead of ``max_iterations``: fewer residual evaluations, the same
     gradient (against a sequential solve) and the same stress."""
