@@ -185,17 +185,22 @@ def main() -> None:
                       f"{best['current']:>10.4f} {row['ratio_median']:>5.2f}x "
                       f"{f'({min(ratios):.2f}-{max(ratios):.2f})':>13} {grad_rel:>13.1e} "
                       f"{stress_diff:>15.1e}", flush=True)
+    write_results(args.out, args.baseline, rounds=args.rounds, repeats=args.repeats, rows=rows)
+
+
+def write_results(out: Path, baseline: str, **fields) -> None:
+    """``fields`` as JSON at ``out``, with the machine, the baseline and this tree's commit."""
     import torch
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({
         "machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
                    "1 thread",
-        "baseline": args.baseline,
+        "baseline": baseline,
         "current": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
                                   capture_output=True, text=True).stdout.strip(),
-        "rounds": args.rounds, "repeats": args.repeats, "rows": rows}, indent=1) + "\n")
-    print(f"\nwrote {args.out}")
+        **fields}, indent=1) + "\n")
+    print(f"\nwrote {out}")
 
 
 if __name__ == "__main__":

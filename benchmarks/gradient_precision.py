@@ -46,7 +46,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -55,7 +54,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gradient import MODELS, RESULTS, ROOT, extract, problem  # noqa: E402
+from gradient import MODELS, RESULTS, ROOT, extract, problem, write_results  # noqa: E402
 
 BASELINE = "b78c5ca"
 SPECIMENS = 12
@@ -249,18 +248,8 @@ def main() -> None:
         span = f"({min(s['ratios']):.2f}-{max(s['ratios']):.2f})" if s["ratios"] else "-"
         print(f"{s['model']:<13} {s['baseline']:>9} {str(s['current']):>9} "
               f"{s['ratio_median']:>5.2f}x {span:>13}")
-    import torch
-
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({
-        "machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
-                   "1 thread",
-        "baseline": args.baseline,
-        "current": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
-                                  capture_output=True, text=True).stdout.strip(),
-        "specimens": SPECIMENS, "rounds": args.rounds, "repeats": args.repeats,
-        "rows": rows, "at_equal_accuracy": summaries}, indent=1) + "\n")
-    print(f"\nwrote {args.out}")
+    write_results(args.out, args.baseline, specimens=SPECIMENS, rounds=args.rounds,
+                  repeats=args.repeats, rows=rows, at_equal_accuracy=summaries)
 
 
 if __name__ == "__main__":
