@@ -124,13 +124,14 @@ class MaterialModel(Integrable):
         """
 
     def bound_iterate(self, state: torch.Tensor, p: Params, rate_bound: torch.Tensor
-                      ) -> torch.Tensor | None:
+                      ) -> torch.Tensor:
         """``state`` (``(..., n_state)``, parameters and ``rate_bound`` broadcastable against
         ``state[..., 0]``) moved into the region where a solution can lie, for a Newton
-        iterate, or None where the model sets no such region (the default).
-        ``rate_bound`` (1/s) is :data:`RATE_MARGIN` times the path's largest total strain
-        rate: under strain control the plastic strain rate stays below it."""
-        return None
+        iterate. ``rate_bound`` (1/s) is :data:`RATE_MARGIN` times the path's largest total
+        strain rate: under strain control the plastic strain rate stays below it. The
+        default sets no region (``state`` as it is), and the solver then skips the call
+        (:meth:`StrainControlledResidual.iterate_bound`)."""
+        return state
 
     def strain_coupling(self, p: Params, like: torch.Tensor) -> torch.Tensor:
         """``d(state rate) / d(strain rate)``: Young's modulus on the stress component."""
@@ -444,7 +445,7 @@ class StrainControlledResidual(torch.nn.Module, NonlinearFunctionOperatorFactory
         """The model's :meth:`MaterialModel.bound_iterate` as a function of a Newton
         iterate (``(step, batch, stages * n_state)``, every stage bounded), for paths whose
         largest total strain rates are ``strain_rate`` ``(batch,)``; None where the model
-        sets no bound."""
+        sets no bound (does not override it)."""
         if type(self.model).bound_iterate is MaterialModel.bound_iterate:
             return None
         s, n = self.scheme.stages, self.model.n_state

@@ -80,10 +80,13 @@ def weights(grid):
     return torch.linspace(0.5, 1.5, grid.recorded.numel(), dtype=torch.float64)[:, None]
 
 
-def one_gradient(spec, model, params, grid, w, options):
+def one_gradient(spec, model, params, grid, w, options, integrate=None):
     """One gradient evaluation: forward solve and chunked adjoint of ``sum(w * stress)`` at
-    the recorded points; returns the stress and the calibrated parameters' gradients."""
-    from bayescal.integrate import integrate
+    the recorded points; returns the stress and the calibrated parameters' gradients.
+    ``integrate`` is the tree's solver (default: ``bayescal.integrate.integrate``; a tree
+    that predates that module passes its own)."""
+    if integrate is None:
+        from bayescal.integrate import integrate
 
     p = {k: v.clone().requires_grad_(k in spec.calibrated) for k, v in params.items()}
     states, report = integrate(model, p, grid, options)

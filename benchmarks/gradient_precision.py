@@ -54,74 +54,79 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gradient import MODELS, RESULTS, ROOT, extract, problem, write_results  # noqa: E402
+from gradient import (MODELS, RESULTS, ROOT, extract, one_gradient, problem,  # noqa: E402
+                      weights, write_results)
 
 BASELINE = "b78c5ca"
 SPECIMENS = 12
 N_CHUNK = 20
 
 
-def baseline_gradient(case: dict, setting: int):
-    """One gradient on the baseline tree (``bayescal.simulate``): backward Euler at
-    ``setting`` sub-steps (``4 setting`` where the strain rate changes)."""
-    import dataclasses
+def _inputs(case: dict):
+    """The case's calibrated names (as a card's ``calibrated``), parameters and path."""
+    import types
 
     import torch
-    from bayescal.material import get_model
-    from bayescal.simulate import SolverOptions, refine, simulate
 
+    spec = types.SimpleNamespace(calibrated=tuple(case["calibrated"]))
+    params = {k: torch.tensor(v, dtype=torch.float64) for k, v in case["params"].items()}
+    t, e = (torch.tensor(case[k], dtype=torch.float64) for k in ("time", "strain"))
+    return spec, params, t, e
+
+
+def baseline_setup(case: dict, setting: int):
+    """The baseline tree's gradient (``bayescal.simulate``: backward Euler at ``setting``
+    sub-steps, ``4 setting`` where the strain rate changes) as a function, and its steps."""
+    import dataclasses
+
+    from bayescal.material import get_model
+    from bayescal.simulate import SolverOptions, integrate, refine
+
+    spec, params, t, e = _inputs(case)
     model = get_model(case["model"])
     options = dataclasses.replace(SolverOptions(), n_chunk=N_CHUNK, substeps=setting,
                                   transient_substeps=4 * setting, rtol=case["rtol"],
                                   atol=case["atol"])
-    t, e = (torch.tensor(case[k], dtype=torch.float64) for k in ("time", "strain"))
-    p = {k: torch.tensor(v, dtype=torch.float64).requires_grad_(k in case["calibrated"])
-         for k, v in case["params"].items()}
-    stress, report = simulate(model, p, t, e, options)
-    assert report.n_failed == 0, "a specimen failed to integrate"
-    w = torch.linspace(0.5, 1.5, stress.shape[0], dtype=torch.float64)[:, None]
-    (w * stress).sum().backward()
-    return stress.detach(), refine(t, e, options).n_steps - 1
+    grid = refine(t, e, options)
+    w = weights(grid)
+    return (lambda: one_gradient(spec, model, params, grid, w, options, integrate)[0],
+            grid.n_steps - 1)
 
 
-def current_gradient(case: dict, setting: list[int]):
-    """One gradient on this tree: the card's scheme on the grid of ``setting`` (sub-steps
-    per recorded interval)."""
+def current_setup(case: dict, setting: list[int]):
+    """This tree's gradient (the card's scheme on the grid of ``setting``, sub-steps per
+    recorded interval) as a function, and its steps."""
     import dataclasses
 
     import torch
     from bayescal.card import load_card, load_model
-    from bayescal.integrate import integrate, refine
+    from bayescal.integrate import refine
 
-    spec = load_card(ROOT / "models" / f"{case['model']}.toml")
-    model = load_model(spec)
-    options = dataclasses.replace(spec.solver, n_chunk=N_CHUNK, rtol=case["rtol"],
+    spec, params, t, e = _inputs(case)
+    card = load_card(ROOT / "models" / f"{case['model']}.toml")
+    model = load_model(card)
+    options = dataclasses.replace(card.solver, n_chunk=N_CHUNK, rtol=case["rtol"],
                                   atol=case["atol"])
-    t, e = (torch.tensor(case[k], dtype=torch.float64) for k in ("time", "strain"))
     grid = refine(t, e, torch.tensor(setting))
-    p = {k: torch.tensor(v, dtype=torch.float64).requires_grad_(k in case["calibrated"])
-         for k, v in case["params"].items()}
-    states, report = integrate(model, p, grid, options)
-    assert report.n_failed == 0, "a specimen failed to integrate"
-    stress = model.stress(states[grid.recorded])
-    w = torch.linspace(0.5, 1.5, stress.shape[0], dtype=torch.float64)[:, None]
-    (w * stress).sum().backward()
-    return stress.detach(), grid.n_steps - 1
+    w = weights(grid)
+    return lambda: one_gradient(spec, model, params, grid, w, options)[0], grid.n_steps - 1
 
 
 def worker(case: dict) -> dict:
-    """Time every setting of ``case`` with whichever ``bayescal`` is on the path."""
+    """Time every setting of ``case`` with whichever ``bayescal`` is on the path: the model,
+    options and grid are made once, outside the timed solves."""
     import torch
 
     torch.set_num_threads(1)
-    one = baseline_gradient if case["tree"] == "baseline" else current_gradient
+    setup = baseline_setup if case["tree"] == "baseline" else current_setup
     results = []
     for setting in case["settings"]:
-        stress, steps = one(case, setting)  # warm-up
+        gradient, steps = setup(case, setting)
+        stress = gradient()  # warm-up
         times = []
         for _ in range(case["repeats"]):
             start = time.perf_counter()
-            one(case, setting)
+            gradient()
             times.append(time.perf_counter() - start)
         results.append({"times": times, "steps": steps, "stress": stress.tolist()})
     return {"results": results}

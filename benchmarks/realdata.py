@@ -49,7 +49,6 @@ DATA = ROOT.parent / "shared" / "realdata" / "matcal_304L_rate" / "small_tension
 CARD = ROOT / "models" / "voce-jc.toml"
 
 
-
 def bayescal(*argv: str, timeout: float | None = None) -> tuple[int, float, str]:
     """``python -m bayescal ARGV``: exit status, wall time and the last line of stderr."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
