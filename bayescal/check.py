@@ -40,7 +40,7 @@ from bayescal.data import Experiments
 from bayescal.errors import BadInput
 from bayescal.material import Integrable, MaterialModel
 from bayescal.integrate import (SolverOptions, broadcast_params, fixed_substeps, integrate,
-                               plan_substeps, refine, simulate)
+                               plan_substeps, refine, simulate, solve_recorded)
 
 #: Pass thresholds of the checks, by check name (module level so that tests can tighten them).
 TOLERANCES: dict[str, float] = {
@@ -330,10 +330,11 @@ def check_response(model: Integrable, params: Mapping[str, float], load: CheckLo
     name = "response"
     substeps = card_substeps(model, params, load, options)
     grid = refine(load.time, load.strain, substeps, load.temperature)
-    states, report = integrate(model, _tensors(params, load.time), grid, options, adjoint=False)
+    at_points, states, report = solve_recorded(model, _tensors(params, load.time), grid,
+                                               options, adjoint=False)
     if report.n_failed:
         return _failed(name, report, TOLERANCES[name], "trajectory")
-    stress = model.stress(states[grid.recorded])[load.mask]
+    stress = model.stress(at_points)[load.mask]
     peak = float(stress.abs().max()) if stress.numel() else 0.0
     if peak == 0.0:
         return CheckResult(name, 1.0, TOLERANCES[name], False,

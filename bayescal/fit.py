@@ -59,6 +59,15 @@ def _digest(parts) -> str:
     return sha.hexdigest()
 
 
+def substeps_attr(substeps: torch.Tensor) -> list:
+    """The grid's steps per recorded interval for the output's attrs: whole numbers as
+    ints, unless a step spans several intervals (fractions ``1 / k``), then all floats."""
+    values = substeps.tolist()
+    if all(m == int(m) for m in values):
+        return [int(m) for m in values]
+    return [float(m) for m in values]
+
+
 def input_file_digest(spec: ModelSpec) -> str:
     """SHA-256 of a NEML2 card's input file ('' for a built-in model): stored with the fit,
     so that a card rebuilt from the posterior uses its input file only while unchanged."""
@@ -288,7 +297,7 @@ def fit(spec: ModelSpec, experiments: Experiments, method: str = "laplace",
         "n_chunk": "automatic" if h.options.n_chunk is None else h.options.n_chunk,
         "scheme": h.options.scheme,
         "tolerance": h.options.tolerance if h.options.automatic else float("nan"),
-        "substeps": [int(m) for m in h.substeps],
+        "substeps": substeps_attr(h.substeps),
         "integration_steps": h.grid.n_steps,
         **integration,
         "seed": seed,

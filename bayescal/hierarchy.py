@@ -39,7 +39,7 @@ from bayescal.data import Experiments
 from bayescal.distributed import Communicator, Shard
 from bayescal.material import Integrable
 from bayescal.integrate import (SolverOptions, SolveReport, SubstepPlan, fixed_substeps,
-                               integrate, plan_substeps, refine)
+                               plan_substeps, refine, solve_recorded)
 
 
 class SolverFailure(RuntimeError):
@@ -287,8 +287,8 @@ class Hierarchy:
         guess = solving.previous if solving.warm_start else None
         if guess is not None and guess.shape[1] != n_total:
             guess = None
-        states, report = integrate(self.model, params, batched, self.options, adjoint=adjoint,
-                                   guess=guess)
+        at_points, states, report = solve_recorded(self.model, params, batched, self.options,
+                                                   adjoint=adjoint, guess=guess)
         if agree is not None:
             report = agree(report, batch)
         solving.reports.append(report)
@@ -296,7 +296,7 @@ class Hierarchy:
             solving.previous = states.detach()
         if report.n_failed and solving.strict:
             raise SolverFailure(report)
-        stress = self.model.stress(states[grid.recorded])  # (step, n_total)
+        stress = self.model.stress(at_points)  # (step, n_total)
         return stress.T.reshape(*batch, -1), report
 
     def _solve_shard(self, values: dict[str, torch.Tensor], adjoint: bool = True,

@@ -56,6 +56,12 @@ class SolverOptions:
 
     ``n_chunk`` steps are solved together in one Newton system; by default (``None``) the
     number follows the batch of paths solved together (:func:`chunk_steps`).
+
+    ``max_span``: with ``tolerance``, a step may span up to this many recorded intervals
+    where every path is one straight line in time across them (:func:`linear_joins`: a
+    designed load, never noisy measured strain); the stress at the points inside comes from
+    the scheme's collocation polynomial (:func:`recorded_states`). 1: a step never spans
+    two intervals.
     """
 
     n_chunk: int | None = None
@@ -70,6 +76,7 @@ class SolverOptions:
     predictor: str = "step-extrapolating"
     retry: bool = True
     max_substeps: int = 512
+    max_span: int = 8
 
     @property
     def automatic(self) -> bool:
@@ -108,12 +115,16 @@ def chunk_steps(batch: int) -> int:
 @dataclass(frozen=True)
 class Grid:
     """An integration grid: ``time``, ``strain`` (and ``temperature`` where the data have
-    it) of shape ``(step, batch)`` and the indices of the recorded points within it."""
+    it) of shape ``(step, batch)``, and where the recorded points lie on it: each in the
+    step ``recorded`` ``(n_rec,)`` (the index of the grid point that ends it), at the
+    fraction ``theta`` ``(n_rec, batch)`` of that step; ``theta`` is None where every
+    recorded point is a grid point (the end of its step)."""
 
     time: torch.Tensor
     strain: torch.Tensor
     recorded: torch.Tensor
     temperature: torch.Tensor | None = None
+    theta: torch.Tensor | None = None
 
     @property
     def n_steps(self) -> int:
@@ -123,8 +134,9 @@ class Grid:
         """The same grid for ``reps`` copies of the batch (batch index ``r * batch + b``)."""
         if reps == 1:
             return self
-        return Grid(self.time.repeat(1, reps), self.strain.repeat(1, reps), self.recorded,
-                    None if self.temperature is None else self.temperature.repeat(1, reps))
+        tile = lambda x: None if x is None else x.repeat(1, reps)  # noqa: E731
+        return Grid(tile(self.time), tile(self.strain), self.recorded, tile(self.temperature),
+                    tile(self.theta))
 
 
 @dataclass
@@ -164,35 +176,154 @@ def fixed_substeps(time: torch.Tensor, strain: torch.Tensor, options: SolverOpti
     return torch.where(changes, transient, options.substeps)
 
 
+#: Relative difference of two intervals' rates (strain, temperature) under which
+#: :func:`linear_joins` takes them for one straight line: rounding of a designed path,
+#: far below any measured path's noise.
+LINEAR_RTOL = 1e-9
+
+
+def linear_joins(time: torch.Tensor, strain: torch.Tensor,
+                 temperature: torch.Tensor | None = None) -> torch.Tensor:
+    """Intervals (``n_rec - 1``,) that continue the previous interval's straight line in
+    time, strain (and temperature) for every path, both of positive length (False for the
+    first). Only across such joins may one step span several recorded intervals: a step
+    takes strain linear in time, so across a kink (or a measured path's noise) it would
+    integrate another load than the recorded one."""
+    dt = torch.diff(time, dim=0)
+    positive = dt > 0
+    joins = positive[1:] & positive[:-1]
+    for x in (strain, temperature):
+        if x is None:
+            continue
+        rate = torch.diff(x, dim=0) / torch.where(positive, dt, 1.0)
+        scale = torch.maximum(rate[1:].abs(), rate[:-1].abs())
+        joins = joins & ((rate[1:] - rate[:-1]).abs() <= LINEAR_RTOL * scale)
+    first = torch.zeros(1, dtype=torch.bool, device=time.device)
+    return torch.cat([first, joins.all(dim=-1)])
+
+
+def spans(substeps: torch.Tensor) -> list[tuple[int, int, int]]:
+    """The steps of ``substeps`` (``n_rec - 1``,) as ``(first interval, intervals, steps)``:
+    a whole number ``m >= 1`` is ``m`` steps over its interval; a fraction ``1 / k`` (``k``
+    a power of two) is one step over ``k`` consecutive intervals that all read ``1 / k``
+    (read from the left: a group starts where the previous one ended)."""
+    values = substeps.tolist()
+    found, i = [], 0
+    while i < len(values):
+        m = values[i]
+        if m >= 1:
+            if m != int(m):
+                raise ValueError(f"substeps: interval {i} has {m:g} steps, neither a whole "
+                                 "number nor 1/k")
+            found.append((i, 1, int(m)))
+            i += 1
+            continue
+        k = round(1 / m) if m > 0 else 0
+        if k < 2 or k & (k - 1) or abs(k * m - 1) > 1e-12 or values[i:i + k] != [m] * k:
+            raise ValueError(f"substeps: intervals {i}..{i + max(k, 1) - 1} are not {k} "
+                             f"intervals of 1/{k} step each (got {values[i:i + max(k, 1)]})")
+        found.append((i, k, 1))
+        i += k
+    return found
+
+
 def refine(time: torch.Tensor, strain: torch.Tensor, substeps: torch.Tensor,
            temperature: torch.Tensor | None = None) -> Grid:
-    """Sub-step a recorded path; ``time``, ``strain`` (and ``temperature``) have shape
-    ``(n_rec, batch)``, ``substeps`` (``n_rec - 1``,) the steps of each recorded interval.
+    """The integration grid of a recorded path; ``time``, ``strain`` (and ``temperature``)
+    have shape ``(n_rec, batch)``, ``substeps`` (``n_rec - 1``,) the steps of each recorded
+    interval (:func:`spans`): ``m`` divides an interval evenly, ``1 / k`` makes one step of
+    ``k`` intervals (which the caller has found linear: :func:`linear_joins`).
 
-    Sub-steps divide each interval evenly, in fractions shared by all specimens (so the
-    batch shares one grid shape); strain and temperature are linear in time within an
-    interval.
+    Fractions are shared by all specimens (so the batch shares one grid shape); strain and
+    temperature are linear in time within an interval. A recorded point inside a step
+    gets its fraction of that step's time (``Grid.theta``).
     """
-    counts = [int(m) for m in substeps.tolist()]
-    if len(counts) != time.shape[0] - 1 or min(counts, default=1) < 1:
+    if substeps.numel() != time.shape[0] - 1:
         raise ValueError(f"substeps must be {time.shape[0] - 1} positive counts")
-    fractions = {m: torch.arange(1, m + 1, dtype=time.dtype, device=time.device)[:, None] / m
-                 for m in set(counts)}
+    if substeps.numel() and float(substeps.min()) <= 0:
+        raise ValueError(f"substeps must be {time.shape[0] - 1} positive counts")
     paths = [x for x in (time, strain, temperature) if x is not None]
     pieces = [[x[:1]] for x in paths]
-    for k, m in enumerate(counts):
-        u = fractions[m]
-        for x, parts in zip(paths, pieces):
-            parts.append(x[k] + u * (x[k + 1] - x[k]))
+    fractions: dict[int, torch.Tensor] = {}
+    recorded = [0]
+    inside: list[tuple[int, int, int]] = []  # (recorded point, group start, group end)
+    for first, intervals, steps in spans(substeps):
+        if intervals == 1:
+            if steps not in fractions:
+                fractions[steps] = torch.arange(1, steps + 1, dtype=time.dtype,
+                                                device=time.device)[:, None] / steps
+            u = fractions[steps]
+            for x, parts in zip(paths, pieces):
+                parts.append(x[first] + u * (x[first + 1] - x[first]))
+        else:
+            for x, parts in zip(paths, pieces):
+                parts.append(x[first + intervals][None])
+            inside += [(first + j, first, first + intervals) for j in range(1, intervals)]
+        node = recorded[-1] + steps
+        recorded += [node] * intervals
     refined = [torch.cat(parts) for parts in pieces]
-    recorded = torch.cat([torch.zeros(1, dtype=torch.long),
-                          torch.cumsum(torch.tensor(counts, dtype=torch.long), 0)])
+    theta = None
+    if inside:
+        theta = torch.ones_like(time)
+        points, starts, ends = (torch.tensor(v, device=time.device) for v in zip(*inside))
+        theta[points] = (time[points] - time[starts]) / (time[ends] - time[starts])
     return Grid(
         time=refined[0],
         strain=refined[1],
-        recorded=recorded.to(time.device),
+        recorded=torch.tensor(recorded, dtype=torch.long, device=time.device),
         temperature=refined[2] if temperature is not None else None,
+        theta=theta,
     )
+
+
+def stage_weights(theta: torch.Tensor, stage_times: tuple[float, ...]) -> torch.Tensor:
+    """Weights ``(..., 1 + stages)`` of the step's start and its stage values in the value
+    at the fraction ``theta`` of the step: Lagrange's basis on ``(0, *stage_times)``. For a
+    collocation scheme (Radau IIA) that is its collocation polynomial, of the scheme's stage
+    order; for backward Euler the straight line between the step's ends. At ``theta = 1``
+    the weights are exactly those of the last stage (the end of the step)."""
+    nodes = (0.0, *stage_times)
+    weights = []
+    for i, ci in enumerate(nodes):
+        w = torch.ones_like(theta)
+        for j, cj in enumerate(nodes):
+            if j != i:
+                w = w * (theta - cj) / (ci - cj)
+        weights.append(w)
+    return torch.stack(weights, dim=-1)
+
+
+def recorded_states(grid: Grid, states: torch.Tensor, stage_times: tuple[float, ...]
+                    ) -> torch.Tensor:
+    """The states ``(n_rec, batch, n_state)`` at the grid's recorded points, from the
+    solve's ``states`` ``(step, batch, stages * n_state)`` (every stage value, as
+    :func:`integrate` returns them with ``stages``; or the end-of-step states where the
+    grid has no ``theta``)."""
+    if grid.theta is None:
+        return states[grid.recorded]
+    s = len(stage_times)
+    n = states.shape[-1] // s
+    step = states[grid.recorded].unflatten(-1, (s, n))  # (n_rec, batch, s, n)
+    start = states[(grid.recorded - 1).clamp(min=0)][..., None, -n:]  # the step's start
+    values = torch.cat([start, step], dim=-2)
+    weights = stage_weights(grid.theta, stage_times)  # (n_rec, batch, 1 + s)
+    return (weights[..., None] * values).sum(dim=-2)
+
+
+def solve_recorded(model: Integrable, params: Mapping[str, torch.Tensor | float], grid: Grid,
+                   options: SolverOptions = SolverOptions(), adjoint: bool = True,
+                   guess: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor, SolveReport]:
+    """:func:`integrate` on ``grid``, and the states at its recorded points: returns those
+    ``(n_rec, batch, n_state)``, the end-of-step states ``(step, batch, n_state)`` (a
+    warm start's ``guess`` for the next solve) and the report."""
+    interpolate = grid.theta is not None
+    states, report = integrate(model, params, grid, options, adjoint, guess, stages=interpolate)
+    stage_times = model.stage_times(options.scheme)
+    at_points = recorded_states(grid, states, stage_times)
+    if interpolate:
+        states = states[..., (len(stage_times) - 1) * model.n_state:]
+    return at_points, states, report
 
 
 def broadcast_params(model: Integrable, params: Mapping[str, torch.Tensor | float],
@@ -490,8 +621,8 @@ def _recorded_stress(model: Integrable, params, time, strain, temperature, subst
                      options: SolverOptions) -> tuple[torch.Tensor, SolveReport]:
     """Stress ``(n_rec, batch)`` at the recorded points, without gradients."""
     grid = refine(time, strain, substeps, temperature)
-    states, report = integrate(model, params, grid, options, adjoint=False)
-    return model.stress(states[grid.recorded]), report
+    states, _, report = solve_recorded(model, params, grid, options, adjoint=False)
+    return model.stress(states), report
 
 
 @dataclass(frozen=True)
@@ -537,9 +668,11 @@ def plan_substeps(model: Integrable, params: Mapping[str, torch.Tensor | float],
     stress error (:func:`estimate_error`) stays below ``options.tolerance`` at every
     recorded point of every path (``(n_rec, batch)``, padded points masked out).
 
-    Starts from one step per interval (four where the strain rate changes) and refines, a
-    few rounds, the intervals over which some path's estimated error grew by more than a
-    share of the tolerance: by the factor that the scheme's order says brings that growth
+    Starts from one step per interval (four where the strain rate changes, and one over
+    up to ``options.max_span`` intervals where every path is straight:
+    :func:`initial_substeps`) and refines, a few rounds, the intervals over which some
+    path's estimated error grew by more than a share of the tolerance (a step over several
+    intervals by the largest growth among them, split in halves or into whole steps): by the factor that the scheme's order says brings that growth
     under it. Errors in stiff viscoplasticity are mostly local (relaxation damps what came
     before), so the growth over an interval is its own contribution; where the total still
     exceeds the tolerance once no interval stands out, the share is halved. Where a path's
@@ -562,9 +695,12 @@ def plan_substeps(model: Integrable, params: Mapping[str, torch.Tensor | float],
         substeps = fixed_substeps(time, strain, options, changes)
         error = estimate_error(model, params, time, strain, substeps, options, temperature, mask)
         return SubstepPlan(substeps, error, 0)
+    joins = linear_joins(time, strain, temperature)
+    if reduce_max is not None:  # joined only where every rank's paths are straight
+        joins = reduce_max((~joins).to(time.dtype)) == 0
     order = model.order(options.scheme)
     tol = options.tolerance
-    substeps = torch.where(changes, 4, 1)
+    substeps = initial_substeps(changes, joins, options.max_span)
     share = 0.5
     for rounds in range(1, PLAN_ROUNDS + 1):
         error = estimate_error(model, params, time, strain, substeps, options, temperature, mask)
@@ -581,18 +717,64 @@ def plan_substeps(model: Integrable, params: Mapping[str, torch.Tensor | float],
         growth, worst, any_failed = summary[:-2], float(summary[-2]), bool(summary[-1] > 0)
         if worst <= tol and not any_failed:
             return SubstepPlan(substeps, error, rounds)
+        growth = _per_step(growth, substeps)  # a step over several intervals splits whole
         over = growth > share * tol
         if not over.any():
             share /= 2
             continue
         factor = (growth / (share * tol)).clamp(max=2.0**20) ** (1.0 / order)
-        factor = torch.ceil(1.2 * factor).clamp(2, 16).long()
-        grown = torch.where(over, substeps * factor, substeps).clamp(max=options.max_substeps)
+        factor = torch.ceil(1.2 * factor).clamp(2, 16)
+        grown = torch.where(over, _finer(substeps, factor), substeps)
+        grown = grown.clamp(max=options.max_substeps)
         if torch.equal(grown, substeps):
             break  # every interval that matters is at max_substeps
         substeps = grown
     error = estimate_error(model, params, time, strain, substeps, options, temperature, mask)
     return SubstepPlan(substeps, error, PLAN_ROUNDS + 1)
+
+
+def initial_substeps(changes: torch.Tensor, joins: torch.Tensor, max_span: int) -> torch.Tensor:
+    """:func:`plan_substeps`' start: four steps in an interval where the strain rate changes,
+    one elsewhere, and one step over runs of up to ``max_span`` joined intervals
+    (:func:`linear_joins`; groups of a power of two, from the start of each run)."""
+    values = [4.0 if c else 1.0 for c in changes.tolist()]
+    joined = joins.tolist()
+    i = 0
+    while i < len(values):
+        if changes[i]:
+            i += 1
+            continue
+        end = i + 1
+        while end < len(values) and joined[end] and not changes[end]:
+            end += 1
+        while i < end:
+            k = 1
+            while 2 * k <= min(max_span, end - i):
+                k *= 2
+            values[i:i + k] = [1.0 / k] * k
+            i += k
+    return torch.tensor(values, dtype=torch.float64, device=changes.device)
+
+
+def _per_step(growth: torch.Tensor, substeps: torch.Tensor) -> torch.Tensor:
+    """Each interval's ``growth`` replaced by the largest over the intervals its step spans."""
+    out = growth.clone()
+    for first, intervals, _ in spans(substeps):
+        if intervals > 1:
+            out[first:first + intervals] = growth[first:first + intervals].max()
+    return out
+
+
+def _finer(substeps: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """``substeps`` with each interval's steps multiplied by ``factor`` (at least 2): a step
+    over ``k`` intervals splits into ``k / 2^j`` intervals a step, or whole steps per
+    interval once the factor reaches ``k``."""
+    merged = substeps < 1
+    power = torch.exp2(torch.ceil(torch.log2(factor)))
+    split = substeps * power
+    whole = torch.ceil(substeps * factor)
+    return torch.where(merged, torch.where(split < 1, split, whole.clamp_min(1)),
+                       substeps * factor)
 
 
 def simulate(model: Integrable, params: Mapping[str, torch.Tensor | float],
@@ -611,5 +793,5 @@ def simulate(model: Integrable, params: Mapping[str, torch.Tensor | float],
         else:
             substeps = fixed_substeps(time, strain, options)
     grid = refine(time, strain, substeps, temperature)
-    states, report = integrate(model, params, grid, options, adjoint=adjoint)
-    return model.stress(states[grid.recorded]), report
+    states, _, report = solve_recorded(model, params, grid, options, adjoint=adjoint)
+    return model.stress(states), report

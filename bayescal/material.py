@@ -72,6 +72,12 @@ class Integrable(ABC):
         """Order of accuracy of the discretisation under ``scheme`` (for error estimates)."""
         return 1
 
+    def stage_times(self, scheme: str) -> tuple[float, ...]:
+        """The times of the stage values within a step, as fractions of it (the last is 1:
+        the end of the step); a recorded point inside a step is interpolated through them
+        (:func:`bayescal.integrate.recorded_states`)."""
+        return (1.0,)
+
     @abstractmethod
     def forces(self, time: torch.Tensor, strain: torch.Tensor,
                temperature: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
@@ -148,6 +154,9 @@ class MaterialModel(Integrable):
 
     def order(self, scheme: str) -> int:
         return SCHEMES[scheme].order
+
+    def stage_times(self, scheme: str) -> tuple[float, ...]:
+        return SCHEMES[scheme].c
 
     def forces(self, time, strain, temperature=None):
         """Time and strain, and for a :attr:`thermal` model the path's temperature where

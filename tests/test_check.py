@@ -94,7 +94,9 @@ def test_solver_checks_pass_on_a_short_path(card, short_load):
         assert r.passed == (r.value <= r.tolerance)
     # far inside their tolerances, not just under them
     assert values["jacobian"] <= 1e-12
-    assert values["adjoint-gradient"] <= 1e-7
+    # central differences at the check's step (1e-6 relative) carry about 1e-7 of their
+    # own error on voce-jc-thermal (3e-9 at a step of 1e-5): the gradient's bound is theirs
+    assert values["adjoint-gradient"] <= 2e-7
     # recorded points three times coarser than the default path: the planned grid keeps the
     # error far below the noise, reported in MPa (rms and max) with the observed order
     integration = results[3]
