@@ -672,14 +672,14 @@ def plan_substeps(model: Integrable, params: Mapping[str, torch.Tensor | float],
     up to ``options.max_span`` intervals where every path is straight:
     :func:`initial_substeps`) and refines, a few rounds, the intervals over which some
     path's estimated error grew by more than a share of the tolerance (a step over several
-    intervals by the largest growth among them, split in halves or into whole steps): by the factor that the scheme's order says brings that growth
-    under it. Errors in stiff viscoplasticity are mostly local (relaxation damps what came
-    before), so the growth over an interval is its own contribution; where the total still
-    exceeds the tolerance once no interval stands out, the share is halved. Where a path's
-    solve fails (Newton fails on steps too long for a stiff flow rule), the interval of the
-    failure is refined eightfold; a failure that refining does not cure is left to the
-    solve that uses the plan to report. With
-    ``options.substeps`` set the counts are fixed and only the estimate is made.
+    intervals by the largest growth among them, split in halves or into whole steps): by
+    the factor that the scheme's order says brings that growth under it. Errors in stiff
+    viscoplasticity are mostly local (relaxation damps what came before), so the growth
+    over an interval is its own contribution; where the total still exceeds the tolerance
+    once no interval stands out, the share is halved. Where a path's solve fails (Newton
+    fails on steps too long for a stiff flow rule), the interval of the failure is refined
+    eightfold; a failure that refining does not cure is left to the solve that uses the
+    plan to report. With ``options.substeps`` set the counts are fixed and only the estimate is made.
 
     ``reduce_max`` (the elementwise maximum over ranks, when the paths are split over
     several processes, each holding whole paths of the same length) makes every decision

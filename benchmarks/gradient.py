@@ -67,10 +67,14 @@ def problem(name: str, specimens: int):
 
 def plan(name: str, specimens: int) -> list[int]:
     """Sub-steps per recorded interval, planned by this tree at the card's tolerance."""
+    import dataclasses
+
     from bayescal.integrate import plan_substeps
 
     spec, model, params, t, e = problem(name, specimens)
-    return plan_substeps(model, params, t, e, spec.solver).substeps.tolist()
+    # one grid for both trees: no step over several intervals, which older trees cannot read
+    options = dataclasses.replace(spec.solver, max_span=1)
+    return [int(m) for m in plan_substeps(model, params, t, e, options).substeps.tolist()]
 
 
 def weights(grid):
@@ -83,14 +87,21 @@ def weights(grid):
 def one_gradient(spec, model, params, grid, w, options, integrate=None):
     """One gradient evaluation: forward solve and chunked adjoint of ``sum(w * stress)`` at
     the recorded points; returns the stress and the calibrated parameters' gradients.
-    ``integrate`` is the tree's solver (default: ``bayescal.integrate.integrate``; a tree
-    that predates that module passes its own)."""
-    if integrate is None:
-        from bayescal.integrate import integrate
-
+    ``integrate`` is the tree's solver (default: this tree's; a tree that predates
+    ``bayescal.integrate`` passes its own)."""
     p = {k: v.clone().requires_grad_(k in spec.calibrated) for k, v in params.items()}
-    states, report = integrate(model, p, grid, options)
-    stress = model.stress(states[grid.recorded])
+    solve_recorded = None
+    if integrate is None:
+        try:
+            from bayescal.integrate import solve_recorded
+        except ImportError:  # a tree from before steps that span several recorded intervals
+            from bayescal.integrate import integrate
+    if solve_recorded is not None:
+        states, _, report = solve_recorded(model, p, grid, options)
+    else:  # every recorded point ends a step
+        states, report = integrate(model, p, grid, options)
+        states = states[grid.recorded]
+    stress = model.stress(states)
     (w * stress).sum().backward()
     assert report.n_failed == 0, "a specimen failed to integrate"
     return stress.detach(), {k: p[k].grad for k in spec.calibrated}
