@@ -155,7 +155,8 @@ def fit_map(packing: Packing, state: FitState, config: MAPConfig = MAPConfig(), 
     Each iteration solves one batch: the gradient and Hessian at the full Newton step from
     the current point, which also values that step (:func:`_full_step`); only where it
     gains nothing, a batch of shorter steps (:func:`_line_search`) and the Hessian at the
-    one taken. Stops when half the Newton decrement is below 1e-3 nats, no step length
+    one taken. After a full step that gained nothing, the next is valued alone first (a
+    line search), so that where full steps keep failing no Hessian's batch is wasted. Stops when half the Newton decrement is below 1e-3 nats, no step length
     improves, or what the likelihood sees has settled (no coordinate of
     :meth:`Packing.likelihood_coordinates` moved by ``SETTLED``): in the non-centered
     coordinates Newton then still creeps along the valley of the spreads for tens of
@@ -213,6 +214,7 @@ def _newton(packing: Packing, state: FitState, u: torch.Tensor, iterations: int,
     """Damped Newton steps of :func:`fit_map` from ``u``; returns the point and whether it
     paused after a step that gained less than ``pause_gain``."""
     ahead = None  # the next iterate's value, gradient and Hessian, made by _full_step
+    trusted = True  # the last full step gained: value the next within its Hessian's batch
     for _ in range(iterations):
         if ahead is None:
             ahead = gradient_and_hessian(packing, u, step, central=False)
@@ -225,12 +227,16 @@ def _newton(packing: Packing, state: FitState, u: torch.Tensor, iterations: int,
             progress.set_postfix(stage="map", log_joint=f"{value:.6g}")
         if 0.5 * float(grad @ delta) < 1e-3:
             break
-        candidate, ahead = _full_step(packing, u, delta, value, step)
-        if candidate is not None:
-            gain = ahead[0] - value
-            if not all(bool(torch.isfinite(x).all()) for x in ahead[1:]):
+        if trusted:
+            candidate, ahead = _full_step(packing, u, delta, value, step)
+            gain = None if candidate is None else ahead[0] - value
+            if ahead is not None and not all(bool(torch.isfinite(x).all()) for x in ahead[1:]):
                 ahead = None  # gained, but some point of its Hessian failed: solve it strictly
-        else:
+        else:  # the last full step gained nothing: this one alone first, as a line search
+            ahead = None
+            candidate, gain = _line_search(packing, u, delta, value, (LINE_SEARCH[:1],))
+        trusted = candidate is not None
+        if candidate is None:
             candidate, gain = _line_search(packing, u, delta, value, (LINE_SEARCH[1:],))
         if candidate is None:
             break
