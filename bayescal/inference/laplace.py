@@ -156,8 +156,9 @@ def fit_map(packing: Packing, state: FitState, config: MAPConfig = MAPConfig(), 
     the current point, which also values that step (:func:`_full_step`); only where it
     gains nothing, a batch of shorter steps (:func:`_line_search`) and the Hessian at the
     one taken. After a full step that gained nothing, the next is valued alone first (a
-    line search), so that where full steps keep failing no Hessian's batch is wasted. Stops when half the Newton decrement is below 1e-3 nats, no step length
-    improves, or what the likelihood sees has settled (no coordinate of
+    line search), so that where full steps keep failing no Hessian's batch is wasted.
+    Stops when half the Newton decrement is below 1e-3 nats, no step length improves, or
+    what the likelihood sees has settled (no coordinate of
     :meth:`Packing.likelihood_coordinates` moved by ``SETTLED``): in the non-centered
     coordinates Newton then still creeps along the valley of the spreads for tens of
     iterations (see benchmarks/README.md, MAP). Then (non-centered
@@ -295,8 +296,8 @@ def _line_search(packing: Packing, u: torch.Tensor, delta: torch.Tensor, value: 
     (:meth:`Packing.spread_at_specimens` with ``joint``, non-centered models): the lengths
     of ``groups`` (fractions of the step) group by group, each group in one batch, the best
     of the first group that gains (by default the full step, else the best shorter one:
-    :data:`LINE_SEARCH`; Newton tries the full step by :func:`_full_step` and passes only
-    the shorter ones); returns the point and its gain, or ``(None, 0)`` if no length gains.
+    :data:`LINE_SEARCH`; Newton passes the full step alone or the shorter ones, where
+    :func:`_full_step` does not value the step); returns the point and its gain, or ``(None, 0)`` if no length gains.
     A point whose solve fails, or whose values are not finite, counts as -inf.
 
     The moved point has the same specimen values, so the same likelihood: it costs no solve
