@@ -297,8 +297,9 @@ def _line_search(packing: Packing, u: torch.Tensor, delta: torch.Tensor, value: 
     of ``groups`` (fractions of the step) group by group, each group in one batch, the best
     of the first group that gains (by default the full step, else the best shorter one:
     :data:`LINE_SEARCH`; Newton passes the full step alone or the shorter ones, where
-    :func:`_full_step` does not value the step); returns the point and its gain, or ``(None, 0)`` if no length gains.
-    A point whose solve fails, or whose values are not finite, counts as -inf.
+    :func:`_full_step` does not value the step); returns the point and its gain, or
+    ``(None, 0)`` if no length gains. A point whose solve fails, or whose values are not
+    finite, counts as -inf.
 
     The moved point has the same specimen values, so the same likelihood: it costs no solve
     of its own, only its prior. Trying the full step alone first solves 1 point per
