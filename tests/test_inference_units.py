@@ -219,53 +219,6 @@ def test_the_hessian_solves_only_where_the_likelihood_curves(problem, monkeypatc
     assert float((forward - central).abs().max() / central.abs().max()) < 1e-3
 
 
-def test_newton_values_its_full_step_in_the_next_hessians_batch(problem, monkeypatch):
-    """A MAP fit solves one batch per Newton iteration where the full step gains (the
-    forward Hessian's at that step, which values it), and the central one at the end: no
-    lone line-search point (only after a full step that gained nothing, for the next step
-    alone first). What the likelihood sees at its point is the same as with each
-    step valued alone first."""
-    from bayescal.inference import laplace
-    from bayescal.inference.checkpoints import FitState
-
-    sizes = []
-    solve = Hierarchy.solve_stress
-
-    def counting(self, values, *args, **kwargs):
-        sizes.append(next(iter(values.values())).shape[0])
-        return solve(self, values, *args, **kwargs)
-
-    monkeypatch.setattr(Hierarchy, "solve_stress", counting)
-    packing = packing_for(problem)
-    state = FitState()
-    u, _, _ = laplace.fit_map(packing, state)
-    spec = packing.h.spec
-    forward, central = (1 + k * (len(spec.shared) + 1 + len(spec.varying)) for k in (1, 2))
-    shorter = len(laplace.LINE_SEARCH) - 1
-    iterations = len(state.losses["map"])
-    assert iterations >= 3 and sizes[-1] == central
-    assert set(sizes[:-1]) <= {1, forward, shorter}
-    # a forward batch per iteration, one more per full step that gained nothing (the
-    # shorter ones' batch follows it), and perhaps a last step that was not needed
-    assert iterations <= sizes.count(forward) <= iterations + sizes.count(shorter) + 1
-    # a point valued alone only after a full step that gained nothing
-    assert sizes.count(1) <= sizes.count(shorter) < iterations / 2
-
-    sizes.clear()  # each step valued alone first, as a line search did before
-
-    def alone_first(packing, u, delta, value, step):
-        point, _ = laplace._line_search(packing, u, delta, value, (laplace.LINE_SEARCH[:1],))
-        if point is None:
-            return None, None
-        return point, laplace.gradient_and_hessian(packing, point, step, central=False)
-
-    monkeypatch.setattr(laplace, "_full_step", alone_first)
-    alone = laplace.fit_map(packing, FitState())[0]
-    assert 1 in sizes
-    torch.testing.assert_close(packing.likelihood_coordinates(alone[None]),
-                               packing.likelihood_coordinates(u[None]), rtol=1e-5, atol=1e-5)
-
-
 def test_plateaued_compares_the_last_two_windows_with_their_noise():
     falling = [100.0 - i for i in range(40)]
     flat = [float((-1) ** i) for i in range(40)]

@@ -152,13 +152,9 @@ def fit_map(packing: Packing, state: FitState, config: MAPConfig = MAPConfig(), 
             ) -> tuple[torch.Tensor, torch.Tensor, Packing]:
     """MAP by damped Newton with the finite-difference Hessian, and the Laplace covariance.
 
-    Each iteration solves one batch: the gradient and Hessian at the full Newton step from
-    the current point, which also values that step (:func:`_full_step`); only where it
-    gains nothing, a batch of shorter steps (:func:`_line_search`) and the Hessian at the
-    one taken. After a full step that gained nothing, the next is valued alone first (a
-    line search), so that where full steps keep failing no Hessian's batch is wasted.
-    Stops when half the Newton decrement is below 1e-3 nats, no step length improves, or
-    what the likelihood sees has settled (no coordinate of
+    Each iteration solves one batch for the gradient and Hessian and a line search
+    (:func:`_line_search`: the full step, and several shorter ones only if it gains nothing). Stops when half the Newton decrement is below 1e-3 nats,
+    no step length improves, or what the likelihood sees has settled (no coordinate of
     :meth:`Packing.likelihood_coordinates` moved by ``SETTLED``): in the non-centered
     coordinates Newton then still creeps along the valley of the spreads for tens of
     iterations (see benchmarks/README.md, MAP). Then (non-centered
@@ -214,12 +210,8 @@ def _newton(packing: Packing, state: FitState, u: torch.Tensor, iterations: int,
             progress, checkpoint, pause_gain: float | None) -> tuple[torch.Tensor, bool]:
     """Damped Newton steps of :func:`fit_map` from ``u``; returns the point and whether it
     paused after a step that gained less than ``pause_gain``."""
-    ahead = None  # the next iterate's value, gradient and Hessian, made by _full_step
-    trusted = True  # the last full step gained: value the next within its Hessian's batch
     for _ in range(iterations):
-        if ahead is None:
-            ahead = gradient_and_hessian(packing, u, step, central=False)
-        value, grad, neg_hessian = ahead
+        value, grad, neg_hessian = gradient_and_hessian(packing, u, step, central=False)
         state.losses["map"].append(-value)
         eigval, eigvec = floored_eigen(neg_hessian)
         delta = eigvec @ ((eigvec.T @ grad) / eigval)
@@ -228,17 +220,7 @@ def _newton(packing: Packing, state: FitState, u: torch.Tensor, iterations: int,
             progress.set_postfix(stage="map", log_joint=f"{value:.6g}")
         if 0.5 * float(grad @ delta) < 1e-3:
             break
-        if trusted:
-            candidate, ahead = _full_step(packing, u, delta, value, step)
-            gain = None if candidate is None else ahead[0] - value
-            if ahead is not None and not all(bool(torch.isfinite(x).all()) for x in ahead[1:]):
-                ahead = None  # gained, but some point of its Hessian failed: solve it strictly
-        else:  # the last full step gained nothing: this one alone first, as a line search
-            ahead = None
-            candidate, gain = _line_search(packing, u, delta, value, (LINE_SEARCH[:1],))
-        trusted = candidate is not None
-        if candidate is None:
-            candidate, gain = _line_search(packing, u, delta, value, (LINE_SEARCH[1:],))
+        candidate, gain = _line_search(packing, u, delta, value)
         if candidate is None:
             break
         moved = packing.likelihood_coordinates(torch.stack([u, candidate]))
@@ -253,61 +235,23 @@ def _newton(packing: Packing, state: FitState, u: torch.Tensor, iterations: int,
     return u, False
 
 
-def _trust_scale(delta: torch.Tensor) -> float:
-    """The factor that limits the Newton step ``delta`` to :data:`MAX_STEP` in every
-    unconstrained coordinate (a trust region)."""
-    return min(1.0, MAX_STEP / float(delta.abs().max()))
-
-
-def _full_step(packing: Packing, u: torch.Tensor, delta: torch.Tensor, value: float,
-               step: float) -> tuple[torch.Tensor | None, tuple | None]:
-    """The full (trust-region limited) Newton step from ``u``, taken if it gains on the log
-    joint ``value``: returns the point and :func:`gradient_and_hessian` (forward) there,
-    or ``(None, None)``. Of the point and the point with the populations moved to their
-    conditional mode (non-centered models, as in :func:`_line_search`) the one of higher
-    prior is taken: both have the same likelihood.
-
-    Newton's full step gains nearly always (near the mode always), and then the next
-    iteration needs the gradient and Hessian there: computing them at once values the
-    step within that batch, instead of solving the point alone first, as a line search
-    does. A lone point is the costliest solve per path (the cost of a batch this small is
-    per torch call, paid in full by every rank: ``benchmarks/README.md``, scale.py). A
-    solve that fails counts as no gain (the shorter steps of :func:`_line_search` follow).
-    """
-    point = u + _trust_scale(delta) * delta
-    if packing.h.non_centered:
-        pair = torch.stack([point, packing.spread_at_specimens(point[None], joint=True)[0]])
-        with torch.no_grad(), pyro.validation_enabled(False):
-            point = pair[int(packing.log_prior(pair).argmax())]
-    with pyro.validation_enabled(False):
-        ahead = gradient_and_hessian(packing, point, step, Solving(strict=False),
-                                     central=False)
-    if ahead[0] > value:  # NaN (a failed solve) compares False
-        return point, ahead
-    return None, None
-
-
-def _line_search(packing: Packing, u: torch.Tensor, delta: torch.Tensor, value: float,
-                 groups: tuple[tuple[float, ...], ...] = (LINE_SEARCH[:1], LINE_SEARCH[1:])
+def _line_search(packing: Packing, u: torch.Tensor, delta: torch.Tensor, value: float
                  ) -> tuple[torch.Tensor | None, float]:
     """The Newton step ``delta`` from ``u`` (log joint ``value``), limited to
     :data:`MAX_STEP` in any unconstrained coordinate (a trust region) and each length also
     tried with the populations moved to their conditional mode given the specimens' values
-    (:meth:`Packing.spread_at_specimens` with ``joint``, non-centered models): the lengths
-    of ``groups`` (fractions of the step) group by group, each group in one batch, the best
-    of the first group that gains (by default the full step, else the best shorter one:
-    :data:`LINE_SEARCH`; Newton passes the full step alone or the shorter ones, where
-    :func:`_full_step` does not value the step); returns the point and its gain, or
-    ``(None, 0)`` if no length gains. A point whose solve fails, or whose values are not
-    finite, counts as -inf.
+    (:meth:`Packing.spread_at_specimens` with ``joint``, non-centered models): the full step
+    if it gains, else the best shorter one that gains (:data:`LINE_SEARCH`); returns the
+    point and its gain, or ``(None, 0)`` if no length gains. A point whose solve fails, or
+    whose values are not finite, counts as -inf.
 
     The moved point has the same specimen values, so the same likelihood: it costs no solve
     of its own, only its prior. Trying the full step alone first solves 1 point per
     iteration, not 6, where Newton's step is good (near the mode, nearly always): on real
     data a line-search point costs about as much as a point of the Hessian's batch.
     """
-    scale = _trust_scale(delta)
-    for alphas in groups:
+    scale = min(1.0, MAX_STEP / float(delta.abs().max()))
+    for alphas in (LINE_SEARCH[:1], LINE_SEARCH[1:]):
         candidates = u + scale * torch.tensor(alphas, dtype=u.dtype)[:, None] * delta
         with torch.no_grad(), pyro.validation_enabled(False):
             likelihood = packing.log_likelihood(candidates, Solving(strict=False))
