@@ -679,7 +679,8 @@ def plan_substeps(model: Integrable, params: Mapping[str, torch.Tensor | float],
     once no interval stands out, the share is halved. Where a path's solve fails (Newton
     fails on steps too long for a stiff flow rule), the interval of the failure is refined
     eightfold; a failure that refining does not cure is left to the solve that uses the
-    plan to report. With ``options.substeps`` set the counts are fixed and only the estimate is made.
+    plan to report. With ``options.substeps`` set the counts are fixed and only the
+    estimate is made.
 
     ``reduce_max`` (the elementwise maximum over ranks, when the paths are split over
     several processes, each holding whole paths of the same length) makes every decision
