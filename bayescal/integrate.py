@@ -57,7 +57,8 @@ class SolverOptions:
     ``n_chunk`` steps are solved together in one Newton system; by default (``None``) the
     number follows the batch of paths solved together (:func:`chunk_steps`).
 
-    ``max_span``: with ``tolerance``, a step may span up to this many recorded intervals
+    ``max_span``: with ``tolerance`` and a scheme of order two or more
+    (:data:`MIN_SPAN_ORDER`), a step may span up to this many recorded intervals
     where every path is one straight line in time across them (:func:`linear_joins`: a
     designed load, never noisy measured strain); the stress at the points inside comes from
     the scheme's collocation polynomial (:func:`recorded_states`). 1: a step never spans
@@ -658,6 +659,14 @@ def estimate_error(model: Integrable, params, time, strain, substeps: torch.Tens
 #: Refinement rounds of :func:`plan_substeps` at the most.
 PLAN_ROUNDS = 8
 
+#: The lowest order of a scheme whose steps :func:`plan_substeps` lets span several recorded
+#: intervals. A first-order scheme (backward Euler, NEML2's own) interpolates the points
+#: inside a step linearly, and its step-doubling estimate missed that error: with spans,
+#: backward Euler planned at 0.5 MPa on voce-jc's path was 2.31 MPa off at worst (0.499
+#: without; ``benchmarks/accuracy.py``, one-off run). It needs several steps an interval
+#: anyway.
+MIN_SPAN_ORDER = 2
+
 
 def plan_substeps(model: Integrable, params: Mapping[str, torch.Tensor | float],
                   time: torch.Tensor, strain: torch.Tensor, options: SolverOptions,
@@ -701,7 +710,9 @@ def plan_substeps(model: Integrable, params: Mapping[str, torch.Tensor | float],
         joins = reduce_max((~joins).to(time.dtype)) == 0
     order = model.order(options.scheme)
     tol = options.tolerance
-    substeps = initial_substeps(changes, joins, options.max_span)
+    # a first-order scheme never spans (MIN_SPAN_ORDER)
+    max_span = options.max_span if order >= MIN_SPAN_ORDER else 1
+    substeps = initial_substeps(changes, joins, max_span)
     share = 0.5
     for rounds in range(1, PLAN_ROUNDS + 1):
         error = estimate_error(model, params, time, strain, substeps, options, temperature, mask)

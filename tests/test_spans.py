@@ -142,3 +142,16 @@ def test_a_plan_without_spans_is_the_previous_plan():
     t, e = path(3, points=10)
     plan = plan_substeps(model, P, t, e, dataclasses.replace(SolverOptions(), max_span=1))
     assert (plan.substeps >= 1).all() and (plan.substeps == plan.substeps.round()).all()
+
+
+def test_a_first_order_scheme_never_spans():
+    """Backward Euler (order 1) plans whole steps per interval whatever ``max_span`` says:
+    its step-doubling estimate missed the error of the points interpolated inside a step;
+    the same path at radau-iia does span."""
+    model = get_model("perzyna-voce")
+    t, e = path(1, points=10)
+    plans = {scheme: plan_substeps(model, P, t, e, SolverOptions(scheme=scheme, tolerance=0.5))
+             for scheme in ("backward-euler", "radau-iia")}
+    euler = plans["backward-euler"].substeps
+    assert (euler >= 1).all() and (euler == euler.round()).all()
+    assert (plans["radau-iia"].substeps < 1).any()
