@@ -749,15 +749,15 @@ def initial_substeps(changes: torch.Tensor, joins: torch.Tensor, max_span: int) 
     """:func:`plan_substeps`' start: four steps in an interval where the strain rate changes,
     one elsewhere, and one step over runs of up to ``max_span`` joined intervals
     (:func:`linear_joins`; groups of a power of two, from the start of each run)."""
-    values = [4.0 if c else 1.0 for c in changes.tolist()]
-    joined = joins.tolist()
+    changed, joined = changes.tolist(), joins.tolist()
+    values = [4.0 if c else 1.0 for c in changed]
     i = 0
     while i < len(values):
-        if changes[i]:
+        if changed[i]:
             i += 1
             continue
         end = i + 1
-        while end < len(values) and joined[end] and not changes[end]:
+        while end < len(values) and joined[end] and not changed[end]:
             end += 1
         while i < end:
             k = 1

@@ -9,8 +9,7 @@ import torch
 
 from bayescal.check import informative_path
 from bayescal.integrate import (SolverOptions, initial_substeps, linear_joins, plan_substeps,
-                                rate_changes, refine, simulate, solve_recorded, spans,
-                                stage_weights)
+                                rate_changes, refine, simulate, spans, stage_weights)
 from bayescal.material import get_model
 from bayescal.reference import radau_stress
 from bayescal.schemes import SCHEMES
@@ -58,7 +57,6 @@ def test_initial_steps_group_each_run_in_powers_of_two():
 def test_refine_puts_recorded_points_inside_spanning_steps():
     t = torch.tensor([0.0, 1.0, 3.0, 4.0, 6.0, 7.0, 9.0])[:, None]  # uneven times
     e = 1e-3 * t
-    substeps = torch.tensor([0.5, 0.5, 2.0, 0.25, 0.25, 0.25])[:5]
     with pytest.raises(ValueError, match=r"intervals 3..6 are not 4 intervals of 1/4 step"):
         refine(t, e, torch.tensor([0.5, 0.5, 2.0, 0.25, 0.25, 0.25]))
     substeps = torch.tensor([0.5, 0.5, 2.0, 0.5, 0.5, 1.0])
