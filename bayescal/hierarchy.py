@@ -360,8 +360,12 @@ class Hierarchy:
         stress, _ = self.solve_stress(values, solving=solving)
         exp = self.experiments
         obs = torch.nan_to_num(exp.stress.T) if observed else None
+        # the noise per specimen, as on several ranks (_sharded_likelihood): its gradient
+        # sums each specimen's share in the same order, so one process and several follow
+        # the same Newton iterates to the last bit
+        sd = noise.expand(torch.broadcast_shapes(noise.shape, stress.shape[:-1]))
         with plate:
-            pyro.sample("stress", dist.Normal(stress, noise[..., None]).mask(exp.mask.T)
+            pyro.sample("stress", dist.Normal(stress, sd[..., None]).mask(exp.mask.T)
                         .to_event(1), obs=obs)
         return values
 

@@ -242,8 +242,9 @@ def test_autograd_pair_gradient_equals_single_process_and_finite_differences():
     for rank in range(2):
         _, (v, g) = results[rank]
         v, g = torch.tensor(v), torch.tensor(g)
-        assert torch.allclose(v, value, rtol=1e-14, atol=0)
-        assert torch.allclose(g, grad, rtol=1e-12, atol=1e-12 * float(grad.abs().max()))
+        # specimens of one length: the same shapes solved and summed in the same order, to
+        # the last bit (a difference there grew tenfold a Newton iteration of a MAP fit)
+        assert torch.equal(v, value) and torch.equal(g, grad)
 
 
 def _planning_worker(rank, port, data, queue):
