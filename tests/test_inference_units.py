@@ -12,7 +12,7 @@ from bayescal.card import load_card
 from bayescal.hierarchy import Hierarchy
 from bayescal.inference.guides import make_guide
 from bayescal.inference.packing import (Packing, from_centered, initial_values, latent_names,
-                                        to_centered)
+                                        to_centered, to_centered_jacobian)
 from bayescal.inference.svi import plateaued
 from bayescal.testing import CARD, synthetic
 
@@ -116,6 +116,21 @@ def test_to_centered_changes_the_density_by_the_jacobian(problem):
     with torch.no_grad():
         torch.testing.assert_close(centered.log_joint(v), non_centered.log_joint(u) - log_tau,
                                    rtol=1e-10, atol=1e-8)
+
+
+@pytest.mark.parametrize("names", [None, ("sy",)])
+def test_to_centered_jacobian_is_autograds_column_by_column(problem, names):
+    """The Jacobian from one batch of directional derivatives (offsets of a kind moved
+    together) is the one autograd builds a row at a time, with every varying parameter or
+    one of them centered."""
+    packing = packing_for(problem)
+    names = packing.h.spec.varying if names is None else names
+    for u in random_points(packing, 2, seed=5, scale=0.4):
+        expected = torch.autograd.functional.jacobian(
+            lambda v: to_centered(packing, v[None], names)[0], u)
+        assert expected.count_nonzero() > packing.dim  # more than the identity
+        torch.testing.assert_close(to_centered_jacobian(packing, u, names), expected,
+                                   rtol=1e-13, atol=1e-13)
 
 
 def test_log_joint_is_prior_plus_likelihood_and_from_centered_inverts(problem):

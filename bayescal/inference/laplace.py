@@ -18,7 +18,8 @@ import torch
 
 from bayescal.hierarchy import Solving
 from bayescal.inference.checkpoints import FitState
-from bayescal.inference.packing import Packing, from_centered, to_centered
+from bayescal.inference.packing import (Packing, from_centered, to_centered,
+                                        to_centered_jacobian)
 
 
 @dataclass(frozen=True)
@@ -79,8 +80,7 @@ def gradient_and_hessian(packing: Packing, u: torch.Tensor, step: float,
     _, grad, neg_hessian = coloured_hessian(rest, u.detach(), step,
                                             is_global.nonzero().flatten(), local)
     if names:
-        jacobian = torch.autograd.functional.jacobian(
-            lambda v: to_centered(packing, v[None], names)[0], u.detach())
+        jacobian = to_centered_jacobian(packing, u, names)
         neg_hessian = neg_hessian + jacobian.T @ neg_h_w @ jacobian
     else:
         neg_hessian = neg_hessian + neg_h_w

@@ -39,7 +39,7 @@ from bayescal.inference.checkpoints import (NUTS_CHAIN_FIELDS, NUTS_START_FIELDS
                                             nuts_start_path, read_plain, rng_state,
                                             set_rng_state, write_plain)
 from bayescal.inference.laplace import MAPConfig
-from bayescal.inference.packing import Packing, initial_values, to_centered
+from bayescal.inference.packing import Packing, initial_values, to_centered, to_centered_jacobian
 from bayescal.inference.parameterisation import choose_centered, specimen_sd_ratios
 from bayescal.inference.parameterisation import describe as describe_parameterisation
 from bayescal.inference.svi import SVIConfig, run_svi
@@ -414,8 +414,7 @@ def approximation(h: Hierarchy, config: NUTSConfig, svi: SVIConfig, seed: int,
     else:
         centre, covariance = result.state.u_map, result.state.covariance
     if centered:
-        jacobian = torch.autograd.functional.jacobian(
-            lambda v: to_centered(packing, v[None], centered)[0], centre)
+        jacobian = to_centered_jacobian(packing, centre, centered)
         centre = to_centered(packing, centre[None], centered)[0]
         covariance = jacobian @ covariance @ jacobian.T
     return Approximation(centre, covariance, frozenset(centered), start.substeps,

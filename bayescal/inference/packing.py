@@ -273,6 +273,40 @@ def to_centered(packing: Packing, u: torch.Tensor,
     return out
 
 
+def to_centered_jacobian(packing: Packing, u: torch.Tensor,
+                         names: Iterable[str] | None = None) -> torch.Tensor:
+    """The Jacobian ``d to_centered(u) / du`` (dim, dim) at one point ``u`` (dim,), exact,
+    from one batch of directional derivatives.
+
+    A specimen's value in z depends on its own offset and on its population's location and
+    spread only, so one derivative per coordinate that is no offset and one per kind of
+    offset (all of a kind's offsets moved together: each moves its own row alone) give every
+    column; column by column (a backward pass per row of the Jacobian, hundreds for a
+    64-specimen set) this cost about a tenth of a MAP fit, on every rank.
+    """
+    h, where = packing.h, packing.slices()
+    dim = u.numel()
+    kinds = [torch.arange(dim)[where[f"{name}_offset"]]
+             for name in (h.spec.varying if names is None else names)]
+    is_offset = torch.zeros(dim, dtype=torch.bool)
+    for index in kinds:
+        is_offset[index] = True
+    others = (~is_offset).nonzero().flatten()
+    directions = torch.zeros(len(others) + len(kinds), dim, dtype=u.dtype)
+    directions[torch.arange(len(others)), others] = 1.0
+    for k, index in enumerate(kinds):
+        directions[len(others) + k, index] = 1.0
+    # rows are mapped one by one: row i's derivative along direction i is J @ d_i
+    rows = u.detach().expand_as(directions).contiguous()
+    _, moved = torch.autograd.functional.jvp(lambda r: to_centered(packing, r, names), rows,
+                                             directions)
+    jacobian = torch.zeros(dim, dim, dtype=u.dtype)
+    jacobian[:, others] = moved[:len(others)].T
+    for k, index in enumerate(kinds):
+        jacobian[index, index] = moved[len(others) + k, index]
+    return jacobian
+
+
 def from_centered(packing: Packing, w: torch.Tensor,
                   names: Iterable[str] | None = None) -> torch.Tensor:
     """The inverse of :func:`to_centered`: rows of ``w`` (B, dim) in the layout where
