@@ -170,18 +170,19 @@ def test_line_search_tries_the_full_step_alone_first():
 
     u = torch.zeros(3, dtype=torch.float64)
     packing = _Quadratic()  # Newton's step from 0 is +1 in every coordinate: the full step
-    point, gain = _line_search(packing, u, torch.ones(3, dtype=torch.float64), -3.0)
+    point, gain, _ = _line_search(packing, u, torch.ones(3, dtype=torch.float64), -3.0)
     assert packing.points == 1 and gain == 3.0
     torch.testing.assert_close(point, torch.ones(3, dtype=torch.float64))
     packing = _Quadratic()  # a step twice too long: the full step gains nothing; half is best
-    point, gain = _line_search(packing, u, 2 * torch.ones(3, dtype=torch.float64), -3.0)
+    point, gain, _ = _line_search(packing, u, 2 * torch.ones(3, dtype=torch.float64), -3.0)
     assert packing.points == len(LINE_SEARCH) and gain == 3.0
     torch.testing.assert_close(point, torch.ones(3, dtype=torch.float64))
     packing = _Quadratic()  # beyond the trust region (MAX_STEP): cut to it, then searched
-    point, _ = _line_search(packing, u, 8 * torch.ones(3, dtype=torch.float64), -3.0)
+    point, *_ = _line_search(packing, u, 8 * torch.ones(3, dtype=torch.float64), -3.0)
     torch.testing.assert_close(point, torch.ones(3, dtype=torch.float64))  # 0.5 of 2
     packing = _Quadratic()  # a step the wrong way: nothing gains
-    assert _line_search(packing, u, -torch.ones(3, dtype=torch.float64), -3.0) == (None, 0.0)
+    assert _line_search(packing, u, -torch.ones(3, dtype=torch.float64), -3.0) == (None, 0.0,
+                                                                                   None)
 
 
 def test_the_line_search_values_the_moved_populations_without_a_solve(problem, monkeypatch):
@@ -199,7 +200,7 @@ def test_the_line_search_values_the_moved_populations_without_a_solve(problem, m
     log_likelihood = Packing.log_likelihood
     monkeypatch.setattr(Packing, "log_likelihood", lambda self, rows, solving=None: (
         solved.append(rows.shape[0]), log_likelihood(self, rows, solving))[1])
-    point, gain = _line_search(packing, u, delta, value)
+    point, gain, _ = _line_search(packing, u, delta, value)
     assert solved[0] == 1  # the full step alone, once
     moved = packing.spread_at_specimens(u[None] + delta, joint=True)[0]
     torch.testing.assert_close(point, moved, rtol=0, atol=0)
@@ -232,6 +233,43 @@ def test_the_hessian_solves_only_where_the_likelihood_curves(problem, monkeypatc
     torch.testing.assert_close(same_grad, grad, rtol=1e-12, atol=1e-12)
     # forward differences: error of order the step, enough to steer Newton
     assert float((forward - central).abs().max() / central.abs().max()) < 1e-3
+
+
+def test_the_hessian_started_from_the_iterates_trajectory_agrees_in_fewer_iterations(
+        problem, monkeypatch):
+    """The Hessian's points started from the iterate's own trajectory (:func:`start_near`)
+    give the gradient and Hessian of a cold start, to the solver's tolerance, in fewer
+    Newton iterations (counted as residual evaluations)."""
+    from bayescal.inference.laplace import (gradient_and_hessian, hessian_points, start_near,
+                                            trajectory_of)
+    from bayescal.material import StrainControlledResidual
+
+    packing = packing_for(problem)
+    u = random_points(packing, 1, seed=6, scale=0.3)[0]
+    at_u = start_near(None, 1)
+    with torch.no_grad():
+        packing.log_likelihood(u[None], at_u)
+    trajectory = trajectory_of(at_u, 0, 1)
+    assert trajectory.shape[1] == problem.n_specimens
+    evaluations = []
+    evaluate = StrainControlledResidual.evaluate_raw
+    monkeypatch.setattr(StrainControlledResidual, "evaluate_raw", lambda self, *args: (
+        evaluations.append(1), evaluate(self, *args))[1])
+    points = hessian_points(packing, central=False)
+    results = {}
+    for name, start in (("cold", None), ("warm", trajectory)):
+        evaluations.clear()
+        solving = start_near(start, points)
+        results[name] = gradient_and_hessian(packing, u, 1e-4, solving, central=False)
+        results[name] += (len(evaluations), trajectory_of(solving, 0, points))
+    (cold_value, cold_grad, cold_hessian, cold_n, _), (value, grad, hessian, n, row) = (
+        results["cold"], results["warm"])
+    assert n < 0.9 * cold_n
+    assert value == pytest.approx(cold_value, rel=1e-9)
+    torch.testing.assert_close(grad, cold_grad, rtol=1e-8, atol=1e-8 * cold_grad.abs().max())
+    torch.testing.assert_close(hessian, cold_hessian, rtol=1e-6,
+                               atol=1e-6 * cold_hessian.abs().max())
+    assert row.shape == trajectory.shape  # the iterate's own share of the batch
 
 
 def test_plateaued_compares_the_last_two_windows_with_their_noise():

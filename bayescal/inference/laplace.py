@@ -25,10 +25,13 @@ from bayescal.inference.packing import (Packing, from_centered, to_centered,
 @dataclass(frozen=True)
 class MAPConfig:
     """Settings of the MAP stage: at most ``iterations`` Newton iterations, the Hessian from
-    central differences with ``hessian_step`` (unconstrained units)."""
+    central differences with ``hessian_step`` (unconstrained units); ``warm_start``: each
+    solve's Newton starts from the trajectory of the point solved before it
+    (:func:`start_near`), else from the predictor."""
 
     iterations: int = 40
     hessian_step: float = 1e-4
+    warm_start: bool = True
 
     def __post_init__(self) -> None:
         if self.iterations < 1:
@@ -36,6 +39,35 @@ class MAPConfig:
         if not 0 < self.hessian_step < 1:
             raise ValueError(f"the Hessian's difference step must lie in (0, 1), "
                              f"got {self.hessian_step}")
+
+
+def hessian_points(packing: Packing, central: bool = True) -> int:
+    """Points solved by :func:`gradient_and_hessian`: the point itself and one per direction
+    (two with central differences)."""
+    directions = len(packing.likelihood_globals()) + packing.specimen_indices().shape[0]
+    return 1 + (2 if central else 1) * directions
+
+
+def start_near(trajectory: torch.Tensor | None, points: int, strict: bool = True) -> Solving:
+    """How to solve ``points`` points near one whose solve gave ``trajectory`` (this rank's
+    specimens; None: not known, Newton starts from the predictor): Newton starts every
+    point from it, and the solve keeps its own trajectory (:func:`trajectory_of`).
+
+    The Hessian's points lie ``hessian_step`` from the iterate, and late line-search steps
+    are short: started from the iterate's trajectory, Newton needs fewer iterations than
+    from the step-extrapolating predictor (benchmarks/README.md, MAP), and the result is
+    the same within the solver's tolerance."""
+    return Solving(strict=strict, warm_start=True,
+                   previous=None if trajectory is None else trajectory.repeat(1, points, 1))
+
+
+def trajectory_of(solving: Solving, point: int, points: int) -> torch.Tensor | None:
+    """Point ``point``'s trajectory (this rank's specimens) from the last solve of
+    ``solving`` (``points`` points), or None if that solve kept none or failed."""
+    if not solving.warm_start or solving.previous is None or solving.reports[-1].n_failed:
+        return None
+    n = solving.previous.shape[1] // points
+    return solving.previous[:, point * n:(point + 1) * n]
 
 
 def gradient_and_hessian(packing: Packing, u: torch.Tensor, step: float,
@@ -153,7 +185,9 @@ def fit_map(packing: Packing, state: FitState, config: MAPConfig = MAPConfig(), 
     """MAP by damped Newton with the finite-difference Hessian, and the Laplace covariance.
 
     Each iteration solves one batch for the gradient and Hessian and a line search
-    (:func:`_line_search`: the full step, and several shorter ones only if it gains nothing). Stops when half the Newton decrement is below 1e-3 nats,
+    (:func:`_line_search`: the full step, and several shorter ones only if it gains
+    nothing), each started from the trajectory of the point solved before it
+    (:func:`start_near`). Stops when half the Newton decrement is below 1e-3 nats,
     no step length improves, or what the likelihood sees has settled (no coordinate of
     :meth:`Packing.likelihood_coordinates` moved by ``SETTLED``): in the non-centered
     coordinates Newton then still creeps along the valley of the spreads for tens of
@@ -164,7 +198,8 @@ def fit_map(packing: Packing, state: FitState, config: MAPConfig = MAPConfig(), 
     The iteration continues from ``state`` (``state.u_map`` is the current iterate while
     ``state.stage`` is "map"), and ``checkpoint(state)`` is called after every step taken,
     so that a long MAP stage killed part-way resumes where it was (the iteration is
-    deterministic: the resumed run takes the same steps).
+    deterministic: the resumed run takes the same steps, to the solver's tolerance, as its
+    first solves start from the predictor instead of the last trajectory).
 
     ``refine(packing, u)`` is called once, near the mode (the first step that gains less
     than :data:`REFINE_GAIN` nats, or at the end): it may return a packing of a hierarchy on
@@ -178,7 +213,7 @@ def fit_map(packing: Packing, state: FitState, config: MAPConfig = MAPConfig(), 
     budget = max_iterations - len(state.losses["map"])
     while True:
         u, paused = _newton(packing, state, u, budget, step, progress, checkpoint,
-                            None if refine is None else REFINE_GAIN)
+                            None if refine is None else REFINE_GAIN, config.warm_start)
         if refine is None:
             break
         finer = refine(packing, u)
@@ -207,11 +242,17 @@ REFINE_ITERATIONS = 8
 
 
 def _newton(packing: Packing, state: FitState, u: torch.Tensor, iterations: int, step: float,
-            progress, checkpoint, pause_gain: float | None) -> tuple[torch.Tensor, bool]:
+            progress, checkpoint, pause_gain: float | None, warm_start: bool = True
+            ) -> tuple[torch.Tensor, bool]:
     """Damped Newton steps of :func:`fit_map` from ``u``; returns the point and whether it
     paused after a step that gained less than ``pause_gain``."""
+    points = hessian_points(packing, central=False)
+    at_u = None  # u's trajectory: where Newton starts the solves near u
     for _ in range(iterations):
-        value, grad, neg_hessian = gradient_and_hessian(packing, u, step, central=False)
+        solving = start_near(at_u, points)
+        value, grad, neg_hessian = gradient_and_hessian(packing, u, step, solving,
+                                                        central=False)
+        at_u = trajectory_of(solving, 0, points) if warm_start else None
         state.losses["map"].append(-value)
         eigval, eigvec = floored_eigen(neg_hessian)
         delta = eigvec @ ((eigvec.T @ grad) / eigval)
@@ -220,9 +261,10 @@ def _newton(packing: Packing, state: FitState, u: torch.Tensor, iterations: int,
             progress.set_postfix(stage="map", log_joint=f"{value:.6g}")
         if 0.5 * float(grad @ delta) < 1e-3:
             break
-        candidate, gain = _line_search(packing, u, delta, value)
+        candidate, gain, at_candidate = _line_search(packing, u, delta, value, at_u)
         if candidate is None:
             break
+        at_u = at_candidate if warm_start else None
         moved = packing.likelihood_coordinates(torch.stack([u, candidate]))
         u = candidate.detach()
         if float((moved[1] - moved[0]).abs().max()) < SETTLED:
@@ -235,15 +277,18 @@ def _newton(packing: Packing, state: FitState, u: torch.Tensor, iterations: int,
     return u, False
 
 
-def _line_search(packing: Packing, u: torch.Tensor, delta: torch.Tensor, value: float
-                 ) -> tuple[torch.Tensor | None, float]:
+def _line_search(packing: Packing, u: torch.Tensor, delta: torch.Tensor, value: float,
+                 start: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor | None, float, torch.Tensor | None]:
     """The Newton step ``delta`` from ``u`` (log joint ``value``), limited to
     :data:`MAX_STEP` in any unconstrained coordinate (a trust region) and each length also
     tried with the populations moved to their conditional mode given the specimens' values
     (:meth:`Packing.spread_at_specimens` with ``joint``, non-centered models): the full step
     if it gains, else the best shorter one that gains (:data:`LINE_SEARCH`); returns the
-    point and its gain, or ``(None, 0)`` if no length gains. A point whose solve fails, or
-    whose values are not finite, counts as -inf.
+    point, its gain and its trajectory (:func:`trajectory_of`), or ``(None, 0, None)`` if no
+    length gains. A point whose solve fails, or whose values are not finite, counts as
+    -inf. Newton starts the solves from ``start``, the trajectory at ``u``
+    (:func:`start_near`).
 
     The moved point has the same specimen values, so the same likelihood: it costs no solve
     of its own, only its prior. Trying the full step alone first solves 1 point per
@@ -253,8 +298,9 @@ def _line_search(packing: Packing, u: torch.Tensor, delta: torch.Tensor, value: 
     scale = min(1.0, MAX_STEP / float(delta.abs().max()))
     for alphas in (LINE_SEARCH[:1], LINE_SEARCH[1:]):
         candidates = u + scale * torch.tensor(alphas, dtype=u.dtype)[:, None] * delta
+        solving = start_near(start, len(alphas), strict=False)
         with torch.no_grad(), pyro.validation_enabled(False):
-            likelihood = packing.log_likelihood(candidates, Solving(strict=False))
+            likelihood = packing.log_likelihood(candidates, solving)
             if packing.h.non_centered:
                 candidates = torch.cat([candidates,
                                         packing.spread_at_specimens(candidates, joint=True)])
@@ -262,6 +308,7 @@ def _line_search(packing: Packing, u: torch.Tensor, delta: torch.Tensor, value: 
             trial = packing.log_prior(candidates) + likelihood
         trial = torch.nan_to_num(trial, nan=-torch.inf)
         best = int(trial.argmax())
-        if trial[best] > value:
-            return candidates[best], float(trial[best]) - value
-    return None, 0.0
+        if trial[best] > value:  # (a moved point shares its length's specimen values)
+            return (candidates[best], float(trial[best]) - value,
+                    trajectory_of(solving, best % len(alphas), len(alphas)))
+    return None, 0.0, None
