@@ -306,8 +306,10 @@ class Hierarchy:
         solving = solving if solving is not None else Solving()
         shard = self.shard
         batch = torch.broadcast_shapes((shard.n,), *(v.shape for v in values.values()))
-        local = {name: shard.copy_to_shard(v.expand(batch), dim=-1)
-                 for name, v in values.items()}
+        # all values in one tensor: one all-reduce of their gradients, not one per value
+        stacked = shard.copy_to_shard(torch.stack([v.expand(batch) for v in values.values()]),
+                                      dim=-1)
+        local = dict(zip(values, stacked.unbind(0)))
         local_batch = torch.Size((*batch[:-1], len(shard.index)))
         params = self._fixed()
         params.update({name: v.reshape(-1) for name, v in local.items()})
