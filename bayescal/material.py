@@ -486,38 +486,71 @@ class StrainControlledResidual(torch.nn.Module, NonlinearFunctionOperatorFactory
         if self._cache_key != key:
             s, n = self.scheme.stages, self.model.n_state
             kw = {"dtype": like.dtype, "device": like.device}
-            a = torch.tensor(self.scheme.a, **kw)
             sub = torch.zeros(s * n, s * n, **kw)
             sub[:, (s - 1) * n:] = -torch.eye(n, **kw).repeat(s, 1)
-            self._cache = {"a": a, "c": torch.tensor(self.scheme.c, **kw),
-                           "a_blocks": a[:, None, :, None], "eye": torch.eye(s * n, **kw),
-                           "sub": sub}
+            self._cache = {"a": torch.tensor(self.scheme.a, **kw),
+                           "c": torch.tensor(self.scheme.c, **kw),
+                           "eye": torch.eye(s * n, **kw), "sub": sub}
             self._cache_key = key
         return self._cache
 
-    def evaluate_raw(self, x_full, forces):
+    def chunk_terms(self, forces) -> dict:
+        """The parts of the residual of a chunk (its ``forces``, ``(step + 1, batch, 1)``
+        each) that do not depend on the state: the step's ``dt a``, in the layouts of the
+        residual and of the diagonal block, the strain's drive of every stage, the
+        parameters shaped for :meth:`MaterialModel.rate` and the stages' temperatures. Made
+        once per chunk by its operator (:class:`ResidualChunk`), not in each of its Newton
+        iterations, where they were a third of the residual's torch calls."""
         time, strain, *temperature = forces
-        s, n = self.scheme.stages, self.model.n_state
-        like = x_full[1:]
-        k = self._constants(like)
-        a, c = k["a"], k["c"]
-        dt = (time[1:] - time[:-1])[..., None]  # (step, batch, 1, 1)
-        dstrain = (strain[1:] - strain[:-1])[..., None]
-        stages = like.unflatten(-1, (s, n))  # (step, batch, stage, n)
-        x_prev = x_full[:-1, ..., None, (s - 1) * n:]  # (step, batch, 1, n)
+        k = self._constants(time)
+        c = k["c"]
+        dt_a = (time[1:] - time[:-1])[..., None] * k["a"]  # (step, batch, stage, stage)
+        dstrain = (strain[1:] - strain[:-1])[..., None]  # (step, batch, 1, 1)
         p = self.params()
-        # a thermal model's forces carry the path's temperature: linear in time within a
-        # step, like strain (isothermal models keep their two-argument rate)
-        stage_temperature = [T[:-1, ..., None] + c * (T[1:] - T[:-1])[..., None]
-                             for T in (f[..., 0] for f in temperature)]
-        rate, jac = self.model.rate(stages, {key: v[..., None] for key, v in p.items()},
-                                    *stage_temperature)
-        coupling = self.model.strain_coupling(p, x_full[0])  # (batch, n)
-        R = stages - x_prev - dt * (a @ rate) - (c[:, None] * dstrain) * coupling[:, None, :]
-        # K[.., i, u, j, v] = a_ij J(Y_j)[u, v], built in that memory order
-        coupled = k["a_blocks"] * jac.transpose(-3, -2)[..., None, :, :, :]
-        diag = k["eye"] - dt * coupled.reshape(*coupled.shape[:-4], s * n, s * n)
+        coupling = self.model.strain_coupling(p, time[0])  # (batch, n)
+        return {
+            "dt_a": dt_a,
+            "dt_a_blocks": dt_a[..., :, None, :, None],  # (step, batch, i, 1, j, 1)
+            "drive": (c[:, None] * dstrain) * coupling[:, None, :],  # (step, batch, stage, n)
+            "params": {key: v[..., None] for key, v in p.items()},
+            # a thermal model's forces carry the path's temperature: linear in time within
+            # a step, like strain (isothermal models keep their two-argument rate)
+            "temperature": [T[:-1, ..., None] + c * (T[1:] - T[:-1])[..., None]
+                            for T in (f[..., 0] for f in temperature)],
+        }
+
+    def evaluate_raw(self, x_full, forces, terms: dict | None = None):
+        """Residual and block Jacobian of the steps of ``x_full`` (the chunk's states after
+        the one before it) under ``forces``; ``terms``: their :meth:`chunk_terms`, where
+        the caller made them already."""
+        terms = self.chunk_terms(forces) if terms is None else terms
+        s, n = self.scheme.stages, self.model.n_state
+        k = self._constants(x_full)
+        stages = x_full[1:].unflatten(-1, (s, n))  # (step, batch, stage, n)
+        x_prev = x_full[:-1, ..., None, (s - 1) * n:]  # (step, batch, 1, n)
+        rate, jac = self.model.rate(stages, terms["params"], *terms["temperature"])
+        R = stages - x_prev - terms["dt_a"] @ rate - terms["drive"]
+        # K[.., i, u, j, v] = dt a_ij J(Y_j)[u, v], built in that memory order
+        coupled = terms["dt_a_blocks"] * jac.transpose(-3, -2)[..., None, :, :, :]
+        diag = k["eye"] - coupled.reshape(*coupled.shape[:-4], s * n, s * n)
         return R.flatten(-2), self.wrapper.wrap_jacobian(diag, k["sub"].expand_as(diag))
 
     def make_operator(self, prev_solution, forces, inverse_operator):
-        return ChunkOp(self, prev_solution, forces, inverse_operator)
+        return ResidualChunk(self, prev_solution, forces, inverse_operator)
+
+
+class ResidualChunk(ChunkOp):
+    """pyzag's operator of one chunk (:class:`~pyzag.nonlinear.ChunkOp`), with the chunk's
+    :meth:`StrainControlledResidual.chunk_terms` made once, for all its Newton
+    iterations."""
+
+    def __init__(self, factory: StrainControlledResidual, prev_solution, forces,
+                 inverse_operator) -> None:
+        super().__init__(factory, prev_solution, forces, inverse_operator)
+        self.terms = factory.chunk_terms(forces)
+
+    def __call__(self, x):
+        wrapper = self.factory.wrapper
+        x_full = torch.cat([self.prev_solution, wrapper.unwrap_vector(x)])
+        R, J = self.factory.evaluate_raw(x_full, self.forces, self.terms)
+        return wrapper.wrap_vector(R), J.forward_system(self.inverse_operator)
