@@ -345,7 +345,7 @@ class SmallBlockScan(chunktime.BidiagonalInverseOperator):
     Substitution ``x_k = A_k^-1 (r_k - B_k x_(k-1))`` is ``x_k = y_k + G_k x_(k-1)`` with
     ``y_k = A_k^-1 r_k`` and ``G_k = -A_k^-1 B_k``: two batched LU solves for the whole
     chunk (with the factors pyzag made of the diagonal blocks), then one fused
-    multiply-add (``baddbmm``) per step. pyzag's generic Thomas solve wraps every block in
+    multiply-add (``baddbmm_``, in place) per step. pyzag's generic Thomas solve wraps every block in
     operator objects; for blocks of 2-6 states that bookkeeping dominated the cost.
 
     Measured and dropped (``benchmarks/README.md``, gradient section): a prefix scan
@@ -368,11 +368,13 @@ class SmallBlockScan(chunktime.BidiagonalInverseOperator):
         x = torch.linalg.lu_solve(self.lu, self.pivots, v.data.unsqueeze(-1))
         if self.nblk == 1:
             return DenseBlockVector(x.squeeze(-1))
-        gain = -torch.linalg.lu_solve(self.lu[1:], self.pivots[1:], self.B_data)
-        steps = [x[0]]
-        for g, y in zip(gain.unbind(0), x[1:].unbind(0)):
-            steps.append(torch.baddbmm(y, g, steps[-1]))
-        return DenseBlockVector(torch.stack(steps).squeeze(-1))
+        solved_b = torch.linalg.lu_solve(self.lu[1:], self.pivots[1:], self.B_data)  # -G_k
+        # in place, step by step: x_k -= (A_k^-1 B_k) x_(k-1); an out-of-place baddbmm
+        # copied y_k first and a stack copied every step again
+        steps = x.unbind(0)
+        for b, previous, y in zip(solved_b.unbind(0), steps, steps[1:]):
+            y.baddbmm_(b, previous, alpha=-1.0)
+        return DenseBlockVector(x.squeeze(-1))
 
 
 class _ChunkNewton(chunktime.ChunkNewtonRaphson):

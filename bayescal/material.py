@@ -174,10 +174,10 @@ class MaterialModel(Integrable):
 
 def _power_flow(f: torch.Tensor, eta: torch.Tensor, n: torch.Tensor):
     """Perzyna flow ``<f/eta>^n`` and its derivative with respect to f."""
-    active = f > 0
+    active = f > 0.0  # (float literals: an int is cast to the tensor's dtype in every call)
     ratio = torch.where(active, f / eta, torch.zeros_like(f))
     # one power (the costliest elementwise call here), not two
-    lower = torch.where(active, ratio ** (n - 1), torch.zeros_like(f))
+    lower = torch.where(active, ratio ** (n - 1.0), torch.zeros_like(f))
     return lower * ratio, n / eta * lower
 
 
@@ -190,7 +190,7 @@ RATE_MARGIN = 100.0
 
 def _jc_flow(f: torch.Tensor, C: torch.Tensor, eps0: torch.Tensor):
     """Johnson-Cook-type flow ``eps0 (exp(<f>/C) - 1)`` and its derivative with respect to f."""
-    active = f > 0
+    active = f > 0.0
     expo = torch.exp(torch.where(active, f, torch.zeros_like(f)) / C)
     return eps0 * (expo - 1.0), torch.where(active, eps0 / C * expo, torch.zeros_like(f))
 
