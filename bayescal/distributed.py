@@ -36,12 +36,13 @@ import torch.distributed as dist
 #: died is normally noticed at once (its connection closes); this bounds a peer that hangs.
 TIMEOUT = timedelta(minutes=30)
 
-#: A tensor whose copies on all ranks hold at most this many elements in all is reduced by
-#: gathering every rank's copy and reducing them here, in rank order; a larger one by the
-#: backend's all-reduce. Reason: the reductions of a fit are small (a log density, a
-#: gradient, a solve report), and on the 2-core machine gloo's all-reduce of 8 or more
-#: float64 values took 1.0-1.4 ms against 0.36-0.50 ms for a gather of 8 or 1000
-#: (benchmarks/README.md, scale); a gather's memory grows with the number of ranks.
+#: A tensor of two or more elements whose copies on all ranks hold at most this many
+#: elements in all is reduced by gathering every rank's copy and reducing them here, in
+#: rank order; a single value or a larger tensor by the backend's all-reduce. Reason: the
+#: reductions of a fit are small (a log density, a gradient, a solve report), and on the
+#: 2-core machine gloo's all-reduce of 8 to 1000 float64 values took 2.2-3.6x as long as
+#: the gather and the sum, of one value 0.37x (``benchmarks/collectives.py``); a gather's
+#: memory grows with the number of ranks.
 GATHER_ELEMENTS = 1 << 16
 
 
@@ -77,7 +78,7 @@ class Communicator:
 
     def _reduce(self, tensor: torch.Tensor, op) -> torch.Tensor:
         tensor = tensor.detach().contiguous()
-        if tensor.numel() * self.world > GATHER_ELEMENTS:
+        if tensor.numel() < 2 or tensor.numel() * self.world > GATHER_ELEMENTS:
             out = tensor.clone()
             dist.all_reduce(out, op=op, group=self.group)
             return out

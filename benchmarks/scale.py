@@ -30,6 +30,11 @@ fit takes (the gradient of the model's log joint at its starting point, and the 
 * **weak scaling**: ``--per-worker`` specimens per rank (``K * per_worker`` in all);
   efficiency ``t_1 / t_K``.
 
+Each MAP fit also reports its Newton iterations and its time per iteration (the fit's wall
+time over them, planning and predictive included): a larger problem can take more
+iterations, which is the problem's scaling, not the ranks'; the per-iteration efficiency
+separates the two.
+
 Usage::
 
     PYTHONPATH=. python benchmarks/scale.py --workers 1 2 --specimens 16 32 --per-worker 8
@@ -101,16 +106,18 @@ def rank_times(card: Path, n: int, repeats: int, do_fit: bool, comm=None) -> dic
         packing.log_joint(u).sum().backward()
         if i:
             best = min(best, time.perf_counter() - start)
-    fit_s = math.nan
+    fit_s, iterations = math.nan, 0
     if do_fit:
         if comm is not None:
             comm.barrier()
         start = time.perf_counter()
         with warnings.catch_warnings():  # the fit's advice is not the benchmark's concern
             warnings.simplefilter("ignore", BayescalWarning)
-            fit(spec, synthetic.experiments, method="map", progress=False, comm=comm)
+            idata = fit(spec, synthetic.experiments, method="map", progress=False, comm=comm)
         fit_s = time.perf_counter() - start
-    return {"gradient_s": best, "map_fit_s": fit_s}
+        iterations = len(idata.posterior.attrs["log_joint_map"])
+    return {"gradient_s": best, "map_fit_s": fit_s, "map_iterations": iterations,
+            "map_iteration_s": fit_s / iterations if iterations else math.nan}
 
 
 def _rank(rank: int, world: int, port: int, card: Path, n: int, repeats: int, do_fit: bool,
@@ -158,7 +165,7 @@ def scaling(args) -> list[dict]:
     cases += [("weak", args.per_worker * k, k) for k in args.workers]
     base: dict[tuple[str, int], dict] = {}
     print(f"{'scaling':>7} {'specimens':>9} {'workers':>7} {'gradient s':>10} {'eff':>5} "
-          f"{'MAP fit s':>9} {'eff':>5}")
+          f"{'MAP fit s':>9} {'eff':>5} {'iterations':>10} {'s/iteration':>11} {'eff':>5}")
     for kind, n, k in cases:
         if k > n:
             continue
@@ -168,14 +175,16 @@ def scaling(args) -> list[dict]:
             base[key] = times
         ref = base.get(key)
         row = {"scaling": kind, "specimens": n, "workers": k, **times}
-        for name in ("gradient_s", "map_fit_s"):
+        for name in ("gradient_s", "map_fit_s", "map_iteration_s"):
             ideal = math.nan if ref is None else (
                 ref[name] / k if kind == "strong" else ref[name])
             row[name.replace("_s", "_efficiency")] = ideal / times[name]
         rows.append(row)
         print(f"{kind:>7} {n:>9} {k:>7} {times['gradient_s']:>10.4f} "
               f"{row['gradient_efficiency']:>5.2f} {times['map_fit_s']:>9.1f} "
-              f"{row['map_fit_efficiency']:>5.2f}", flush=True)
+              f"{row['map_fit_efficiency']:>5.2f} {times['map_iterations']:>10d} "
+              f"{times['map_iteration_s']:>11.3f} {row['map_iteration_efficiency']:>5.2f}",
+              flush=True)
     return rows
 
 
