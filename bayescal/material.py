@@ -486,31 +486,29 @@ class StrainControlledResidual(torch.nn.Module, NonlinearFunctionOperatorFactory
         if self._cache_key != key:
             s, n = self.scheme.stages, self.model.n_state
             kw = {"dtype": like.dtype, "device": like.device}
+            a = torch.tensor(self.scheme.a, **kw)
             sub = torch.zeros(s * n, s * n, **kw)
             sub[:, (s - 1) * n:] = -torch.eye(n, **kw).repeat(s, 1)
-            self._cache = {"a": torch.tensor(self.scheme.a, **kw),
-                           "c": torch.tensor(self.scheme.c, **kw),
-                           "eye": torch.eye(s * n, **kw), "sub": sub}
+            self._cache = {"a": a, "c": torch.tensor(self.scheme.c, **kw),
+                           "a_blocks": a[:, None, :, None], "eye": torch.eye(s * n, **kw),
+                           "sub": sub}
             self._cache_key = key
         return self._cache
 
     def chunk_terms(self, forces) -> dict:
         """The parts of the residual of a chunk (its ``forces``, ``(step + 1, batch, 1)``
-        each) that do not depend on the state: the step's ``dt a``, in the layouts of the
-        residual and of the diagonal block, the strain's drive of every stage, the
-        parameters shaped for :meth:`MaterialModel.rate` and the stages' temperatures. Made
-        once per chunk by its operator (:class:`ResidualChunk`), not in each of its Newton
-        iterations, where they were a third of the residual's torch calls."""
+        each) that do not depend on the state: the steps' ``dt``, the strain's drive of
+        every stage, the parameters shaped for :meth:`MaterialModel.rate` and the stages'
+        temperatures. Made once per chunk by its operator (:class:`ResidualChunk`), not in
+        each of its Newton iterations, where they were a fifth of the residual's torch
+        calls."""
         time, strain, *temperature = forces
-        k = self._constants(time)
-        c = k["c"]
-        dt_a = (time[1:] - time[:-1])[..., None] * k["a"]  # (step, batch, stage, stage)
+        c = self._constants(time)["c"]
         dstrain = (strain[1:] - strain[:-1])[..., None]  # (step, batch, 1, 1)
         p = self.params()
         coupling = self.model.strain_coupling(p, time[0])  # (batch, n)
         return {
-            "dt_a": dt_a,
-            "dt_a_blocks": dt_a[..., :, None, :, None],  # (step, batch, i, 1, j, 1)
+            "dt": (time[1:] - time[:-1])[..., None],  # (step, batch, 1, 1)
             "drive": (c[:, None] * dstrain) * coupling[:, None, :],  # (step, batch, stage, n)
             "params": {key: v[..., None] for key, v in p.items()},
             # a thermal model's forces carry the path's temperature: linear in time within
@@ -529,10 +527,11 @@ class StrainControlledResidual(torch.nn.Module, NonlinearFunctionOperatorFactory
         stages = x_full[1:].unflatten(-1, (s, n))  # (step, batch, stage, n)
         x_prev = x_full[:-1, ..., None, (s - 1) * n:]  # (step, batch, 1, n)
         rate, jac = self.model.rate(stages, terms["params"], *terms["temperature"])
-        R = stages - x_prev - terms["dt_a"] @ rate - terms["drive"]
-        # K[.., i, u, j, v] = dt a_ij J(Y_j)[u, v], built in that memory order
-        coupled = terms["dt_a_blocks"] * jac.transpose(-3, -2)[..., None, :, :, :]
-        diag = k["eye"] - coupled.reshape(*coupled.shape[:-4], s * n, s * n)
+        dt = terms["dt"]
+        R = stages - x_prev - dt * (k["a"] @ rate) - terms["drive"]
+        # K[.., i, u, j, v] = a_ij J(Y_j)[u, v], built in that memory order
+        coupled = k["a_blocks"] * jac.transpose(-3, -2)[..., None, :, :, :]
+        diag = k["eye"] - dt * coupled.reshape(*coupled.shape[:-4], s * n, s * n)
         return R.flatten(-2), self.wrapper.wrap_jacobian(diag, k["sub"].expand_as(diag))
 
     def make_operator(self, prev_solution, forces, inverse_operator):
