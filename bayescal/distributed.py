@@ -46,11 +46,16 @@ TIMEOUT = timedelta(minutes=30)
 GATHER_ELEMENTS = 1 << 16
 
 
-def _all_gather(out: torch.Tensor, tensor: torch.Tensor, group) -> None:
-    """Every rank's flat ``tensor`` into the flat ``out``, in rank order: torch's single-tensor
-    all-gather (``all_gather_single`` from torch 2.13, which deprecates the older name)."""
+def gathered_reduction(tensor: torch.Tensor, op, world: int, group=None) -> torch.Tensor:
+    """The sum (``op`` SUM) or maximum (MAX) over the ``world`` ranks of the contiguous
+    ``tensor``: every rank's copy gathered by torch's single-tensor all-gather
+    (``all_gather_single`` from torch 2.13, which deprecates the older name) and reduced here
+    in rank order, so the same bits on every rank."""
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    gather(out, tensor, group=group)
+    copies = tensor.new_empty(world * tensor.numel())
+    gather(copies, tensor.reshape(-1), group=group)
+    copies = copies.view(world, *tensor.shape)
+    return copies.sum(dim=0) if op == dist.ReduceOp.SUM else copies.amax(dim=0)
 
 
 @dataclass(frozen=True)
@@ -82,10 +87,7 @@ class Communicator:
             out = tensor.clone()
             dist.all_reduce(out, op=op, group=self.group)
             return out
-        copies = tensor.new_empty(self.world * tensor.numel())
-        _all_gather(copies, tensor.reshape(-1), self.group)
-        copies = copies.view(self.world, *tensor.shape)
-        return copies.sum(dim=0) if op == dist.ReduceOp.SUM else copies.amax(dim=0)
+        return gathered_reduction(tensor, op, self.world, self.group)
 
     def barrier(self) -> None:
         """Wait for every rank (e.g. before rank 0 overwrites a file the others read)."""

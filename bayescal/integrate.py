@@ -345,8 +345,8 @@ class SmallBlockScan(chunktime.BidiagonalInverseOperator):
     Substitution ``x_k = A_k^-1 (r_k - B_k x_(k-1))`` is ``x_k = y_k + G_k x_(k-1)`` with
     ``y_k = A_k^-1 r_k`` and ``G_k = -A_k^-1 B_k``: two batched LU solves for the whole
     chunk (with the factors pyzag made of the diagonal blocks), then one fused
-    multiply-add (``baddbmm_``, in place) per step. pyzag's generic Thomas solve wraps every block in
-    operator objects; for blocks of 2-6 states that bookkeeping dominated the cost.
+    multiply-add (``baddbmm_``, in place) per step. pyzag's generic Thomas solve wraps every
+    block in operator objects; for blocks of 2-6 states that bookkeeping dominated the cost.
 
     Measured and dropped (``benchmarks/README.md``, gradient section): a prefix scan
     (Hillis-Steele, ``log2(steps)`` batched matrix products), slower than this loop but for

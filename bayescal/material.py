@@ -500,8 +500,9 @@ class StrainControlledResidual(torch.nn.Module, NonlinearFunctionOperatorFactory
         each) that do not depend on the state: the steps' ``dt``, the strain's drive of
         every stage, the parameters shaped for :meth:`MaterialModel.rate` and the stages'
         temperatures. Made once per chunk by its operator (:class:`ResidualChunk`), not in
-        each of its Newton iterations, where they were a fifth of the residual's torch
-        calls."""
+        each of its Newton iterations: a Newton evaluation's cost at these batch sizes is
+        mostly its count of torch calls (149 at 662cb25, 129 with this and the in-place
+        block substitution; benchmarks/README.md, scale)."""
         time, strain, *temperature = forces
         c = self._constants(time)["c"]
         dstrain = (strain[1:] - strain[:-1])[..., None]  # (step, batch, 1, 1)

@@ -3,9 +3,10 @@
 A fit on several ranks reduces small tensors (a log density, a gradient of a few hundred
 values, a solve report) about ten times a Newton iteration. This script times, between
 ``--workers`` local processes (one thread each), torch.distributed's ``all_reduce`` of
-float64 tensors of several sizes against the single-tensor all-gather that
-:class:`bayescal.distributed.Communicator` uses for tensors of up to
-``GATHER_ELEMENTS`` elements in all (each rank then adds the gathered copies in rank order).
+float64 tensors of several sizes against :func:`bayescal.distributed.gathered_reduction`
+(the single-tensor all-gather and a sum in rank order), which
+:class:`bayescal.distributed.Communicator` uses for tensors of 2 to ``GATHER_ELEMENTS``
+elements in all.
 
 Usage::
 
@@ -45,7 +46,7 @@ def _best_of(fn, repeats: int, rounds: int = 3) -> float:
 
 
 def _rank(rank: int, world: int, port: int, repeats: int, queue) -> None:
-    from bayescal.distributed import _all_gather
+    from bayescal.distributed import gathered_reduction
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -53,14 +54,8 @@ def _rank(rank: int, world: int, port: int, repeats: int, queue) -> None:
     rows = []
     for size in SIZES:
         x = torch.zeros(size, dtype=torch.float64)
-        gathered = torch.empty(world * size, dtype=torch.float64)
-
-        def gather_and_add():
-            _all_gather(gathered, x, None)
-            gathered.view(world, size).sum(dim=0)
-
         reduce_s = _best_of(lambda: dist.all_reduce(x), repeats)
-        gather_s = _best_of(gather_and_add, repeats)
+        gather_s = _best_of(lambda: gathered_reduction(x, dist.ReduceOp.SUM, world), repeats)
         rows.append({"elements": size, "all_reduce_us": 1e6 * reduce_s,
                      "gather_and_add_us": 1e6 * gather_s})
     if rank == 0:
