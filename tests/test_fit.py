@@ -178,8 +178,8 @@ def test_recovery_and_coverage_mvn():
 
 @pytest.mark.parametrize("centered", [False, True])
 def test_coloured_hessian_equals_the_dense_one(centered):
-    """The block-arrow colouring (2 x (globals + kinds) points) gives the Hessian that
-    central differences of every coordinate (2 x dim points) give."""
+    """The block-arrow colouring (2 x (shared + kinds) points) and the noise's exact column
+    give the Hessian that central differences of every coordinate (2 x dim points) give."""
     from bayescal.inference.laplace import gradient_and_hessian
     from bayescal.inference.packing import Packing, initial_values
 
@@ -197,7 +197,7 @@ def test_coloured_hessian_equals_the_dense_one(centered):
     dense = 0.5 * (dense + dense.T)
     assert packing.specimen_indices().shape == (4, 4)
     assert float((coloured - dense).abs().max() / dense.abs().max()) < 1e-7
-    # the two batches (44 and 204 paths) are solved in chunks of different lengths
+    # the two batches (36 and 204 paths) are solved in chunks of different lengths
     # (integrate.chunk_steps): equal to the Newton tolerance, not to rounding
     torch.testing.assert_close(grad, rows.grad[0], rtol=1e-8, atol=1e-8)
 

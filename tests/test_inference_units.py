@@ -211,8 +211,9 @@ def test_the_line_search_values_the_moved_populations_without_a_solve(problem, m
 
 
 def test_the_hessian_solves_only_where_the_likelihood_curves(problem, monkeypatch):
-    """One solved batch of ``1 + 2 (shared + noise + kinds)`` points per Hessian (half with
-    forward differences): the population locations and spreads cost no solve."""
+    """One solved batch of ``1 + 2 (shared + kinds)`` points per Hessian (half with forward
+    differences): the noise's column and the population locations and spreads cost no
+    solve."""
     from bayescal.inference.laplace import gradient_and_hessian
 
     packing = packing_for(problem)
@@ -228,8 +229,8 @@ def test_the_hessian_solves_only_where_the_likelihood_curves(problem, monkeypatc
     _, grad, central = gradient_and_hessian(packing, u, 1e-4)
     _, same_grad, forward = gradient_and_hessian(packing, u, 1e-4, central=False)
     spec = packing.h.spec
-    globals_ = len(spec.shared) + 1
-    assert sizes == [1 + 2 * (globals_ + len(spec.varying)), 1 + globals_ + len(spec.varying)]
+    directions = len(spec.shared) + len(spec.varying)
+    assert sizes == [1 + 2 * directions, 1 + directions]
     torch.testing.assert_close(same_grad, grad, rtol=1e-12, atol=1e-12)
     # forward differences: error of order the step, enough to steer Newton
     assert float((forward - central).abs().max() / central.abs().max()) < 1e-3

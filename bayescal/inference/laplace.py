@@ -44,8 +44,34 @@ class MAPConfig:
 def hessian_points(packing: Packing, central: bool = True) -> int:
     """Points solved by :func:`gradient_and_hessian`: the point itself and one per direction
     (two with central differences)."""
-    directions = len(packing.likelihood_globals()) + packing.specimen_indices().shape[0]
+    directions = len(solved_globals(packing)) + packing.specimen_indices().shape[0]
     return 1 + (2 if central else 1) * directions
+
+
+def solved_globals(packing: Packing) -> torch.Tensor:
+    """The global coordinates whose Hessian columns :func:`gradient_and_hessian` takes from
+    solved points: those the likelihood sees (:meth:`Packing.likelihood_globals`) but the
+    noise, whose column comes without a solve (:func:`noise_column`)."""
+    seen = packing.likelihood_globals()
+    return seen[seen != packing.slices()["noise_sd"].start]
+
+
+def noise_column(packing: Packing, gradient: torch.Tensor) -> torch.Tensor:
+    """The likelihood's Hessian column along the noise coordinate, exactly, from its
+    ``gradient`` at the same point (in any layout with the noise at its packed position).
+
+    The observed stress is ``Normal(s(theta), sigma)`` at ``N`` recorded points, with one
+    ``sigma = exp(u)`` for all (``u`` the packed noise coordinate), so with ``S`` the sum of
+    squared residuals, ``l = -S exp(-2u) / 2 - N u + const``:
+    ``dl/du = S exp(-2u) - N``, ``d2l/du2 = -2 S exp(-2u) = -2 (dl/du + N)``, and every
+    other coordinate's gradient is ``exp(-2u)`` times a sum that does not involve ``u``:
+    ``d2l/(dx du) = -2 dl/dx``. A differenced point along the noise solved the same
+    trajectories as the point itself; this costs none."""
+    noise = packing.slices()["noise_sd"].start
+    observed = float(packing.h.experiments.mask.sum())
+    column = -2.0 * gradient
+    column[noise] = -2.0 * (gradient[noise] + observed)
+    return column
 
 
 def start_near(trajectory: torch.Tensor | None, points: int, strict: bool = True) -> Solving:
@@ -79,30 +105,33 @@ def gradient_and_hessian(packing: Packing, u: torch.Tensor, step: float,
     The log joint is the prior (cheap: no solve) plus the likelihood, which sees only each
     specimen's values in z, the shared values and the noise (the centered layout, ``w =
     to_centered(u)``). So the solves go where the likelihood's curvature is: along the
-    shared values, the noise and each kind of specimen value (:func:`coloured_hessian`), in
-    ``w``; the population locations and spreads, which enter the likelihood only through
-    ``w(u)``, cost no solve. With ``l(w)`` the likelihood, ``g`` and ``H_w`` its gradient and
+    shared values and each kind of specimen value (:func:`coloured_hessian`), in ``w``; the
+    noise's column is exact from the gradient (:func:`noise_column`), and the population
+    locations and spreads, which enter the likelihood only through ``w(u)``, cost no
+    solve. With ``l(w)`` the likelihood, ``g`` and ``H_w`` its gradient and
     Hessian at ``w(u)`` and ``J = dw/du``::
 
         H(u) = H_w-part + H_rest,   H_w-part = J^T H_w J,
         H_rest = Hessian of  prior(u) + g . w(u)   (no solve)
 
     (the second term carries the likelihood's gradient through the curvature of ``w(u)``).
-    That is ``1 + 2 (shared + 1 + kinds)`` solved points where differencing every global
+    That is ``1 + 2 (shared + kinds)`` solved points where differencing every global
     coordinate of ``u`` took ``1 + 2 (shared + 1 + 3 kinds)``; ``central=False`` takes
-    forward differences of the likelihood's gradients, ``1 + shared + 1 + kinds`` points
+    forward differences of the likelihood's gradients, ``1 + shared + kinds`` points
     (error of order ``step`` instead of ``step^2``: enough to steer Newton, not for the
     Laplace covariance).
     """
     names = packing.h.non_centered
     local = packing.specimen_indices()  # (kinds, specimens): the same positions in w
     w = to_centered(packing, u[None], names)[0].detach()
-    seen = packing.likelihood_globals()
 
     def likelihood(rows):
         return packing.log_likelihood(from_centered(packing, rows, names), solving)
 
-    value, g_w, neg_h_w = coloured_hessian(likelihood, w, step, seen, local, central)
+    value, g_w, neg_h_w = coloured_hessian(likelihood, w, step, solved_globals(packing), local,
+                                           central)
+    noise = packing.slices()["noise_sd"].start
+    neg_h_w[:, noise] = neg_h_w[noise, :] = -noise_column(packing, g_w)
 
     def rest(rows):
         return packing.log_prior(rows) + to_centered(packing, rows, names) @ g_w
