@@ -236,6 +236,22 @@ def test_the_hessian_solves_only_where_the_likelihood_curves(problem, monkeypatc
     assert float((forward - central).abs().max() / central.abs().max()) < 1e-3
 
 
+def test_the_noise_column_refuses_a_noise_not_exp_of_its_coordinate():
+    """The exact noise column holds for ``sigma = exp(u)`` only: another support fails loudly
+    rather than giving a wrong Hessian."""
+    from torch.distributions import constraints
+
+    from bayescal.inference.laplace import noise_column
+    from bayescal.inference.packing import Site
+
+    class Bounded:
+        sites = (Site("noise_sd", 0, torch.Size([]), constraints.interval(0.0, 50.0)),)
+
+    with pytest.raises(NotImplementedError, match=r"^the noise's exact Hessian column needs "
+                       r"sigma = exp\(u\); the noise prior's support Interval"):
+        noise_column(Bounded(), torch.ones(3, dtype=torch.float64))
+
+
 def test_the_hessian_started_from_the_iterates_trajectory_agrees_in_fewer_iterations(
         problem, monkeypatch):
     """The Hessian's points started from the iterate's own trajectory (:func:`start_near`)

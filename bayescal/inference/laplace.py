@@ -15,6 +15,7 @@ from typing import Callable
 
 import pyro
 import torch
+from torch.distributions import biject_to
 
 from bayescal.hierarchy import Solving
 from bayescal.inference.checkpoints import FitState
@@ -67,7 +68,13 @@ def noise_column(packing: Packing, gradient: torch.Tensor) -> torch.Tensor:
     other coordinate's gradient is ``exp(-2u)`` times a sum that does not involve ``u``:
     ``d2l/(dx du) = -2 dl/dx``. A differenced point along the noise solved the same
     trajectories as the point itself; this costs none."""
-    noise = packing.slices()["noise_sd"].start
+    site = next(site for site in packing.sites if site.name == "noise_sd")
+    probe = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    if not torch.allclose(biject_to(site.support)(probe), probe.exp(), rtol=1e-15, atol=0):
+        raise NotImplementedError(f"the noise's exact Hessian column needs sigma = exp(u); "
+                                  f"the noise prior's support {site.support} is unconstrained "
+                                  "otherwise")
+    noise = site.start
     observed = float(packing.h.experiments.mask.sum())
     column = -2.0 * gradient
     column[noise] = -2.0 * (gradient[noise] + observed)
