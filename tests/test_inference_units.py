@@ -165,7 +165,7 @@ class _Quadratic:
         return torch.zeros(u.shape[0], dtype=u.dtype)
 
 
-def test_line_search_tries_the_full_step_alone_first():
+def test_line_search_tries_the_full_step_first_then_shorter_ones_one_at_a_time():
     from bayescal.inference.laplace import LINE_SEARCH, _line_search
 
     u = torch.zeros(3, dtype=torch.float64)
@@ -173,16 +173,40 @@ def test_line_search_tries_the_full_step_alone_first():
     point, gain, _ = _line_search(packing, u, torch.ones(3, dtype=torch.float64), -3.0)
     assert packing.points == 1 and gain == 3.0
     torch.testing.assert_close(point, torch.ones(3, dtype=torch.float64))
-    packing = _Quadratic()  # a step twice too long: the full step gains nothing; half is best
+    packing = _Quadratic()  # a step twice too long: the full step gains nothing; half does
     point, gain, _ = _line_search(packing, u, 2 * torch.ones(3, dtype=torch.float64), -3.0)
-    assert packing.points == len(LINE_SEARCH) and gain == 3.0
+    assert packing.points == 2 and gain == 3.0
     torch.testing.assert_close(point, torch.ones(3, dtype=torch.float64))
-    packing = _Quadratic()  # beyond the trust region (MAX_STEP): cut to it, then searched
-    point, *_ = _line_search(packing, u, 8 * torch.ones(3, dtype=torch.float64), -3.0)
-    torch.testing.assert_close(point, torch.ones(3, dtype=torch.float64))  # 0.5 of 2
-    packing = _Quadratic()  # a step the wrong way: nothing gains
+    packing = _Quadratic()  # from 0.5, four times too long: 1 and 0.5 gain nothing, 0.25 does
+    half = torch.full((3,), 0.5, dtype=torch.float64)
+    point, gain, _ = _line_search(packing, half, 2 * torch.ones(3, dtype=torch.float64), -0.75)
+    assert packing.points == 3 and gain == 0.75
+    torch.testing.assert_close(point, torch.ones(3, dtype=torch.float64))
+    packing = _Quadratic()  # a step the wrong way: nothing gains, every length solved once
     assert _line_search(packing, u, -torch.ones(3, dtype=torch.float64), -3.0) == (None, 0.0,
                                                                                    None)
+    assert packing.points == len(LINE_SEARCH)
+
+
+def test_trust_step_damps_the_flat_directions_most():
+    """Within the trust region the step is Newton's; beyond it ``(H + lam I)^-1 g`` with
+    ``lam`` such that the longest coordinate is the limit: curvatures 1 and 100 and gradient
+    (10, 100) give Newton's (10, 1); damped to 2, ``lam = 4``: (2, 100/104), where scaling
+    Newton's step down gave (2, 0.2)."""
+    from bayescal.inference.laplace import trust_step
+
+    rotation = torch.linalg.qr(torch.tensor([[1.0, 2.0], [3.0, 4.0]], dtype=torch.float64))[0]
+    eigval = torch.tensor([1.0, 100.0], dtype=torch.float64)
+    grad = rotation @ torch.tensor([10.0, 100.0], dtype=torch.float64)
+    newton = rotation @ torch.tensor([10.0, 1.0], dtype=torch.float64)
+    torch.testing.assert_close(trust_step(eigval, rotation, grad, 20.0), newton,
+                               rtol=1e-14, atol=0)
+    # in the eigenvectors' own coordinates the limit applies to these components
+    identity = torch.eye(2, dtype=torch.float64)
+    step = trust_step(eigval, identity, torch.tensor([10.0, 100.0], dtype=torch.float64), 2.0)
+    torch.testing.assert_close(step, torch.tensor([2.0, 100.0 / 104.0], dtype=torch.float64),
+                               rtol=1e-12, atol=0)
+    assert float(step.abs().max()) <= 2.0
 
 
 def test_the_line_search_values_the_moved_populations_without_a_solve(problem, monkeypatch):
