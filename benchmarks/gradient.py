@@ -138,6 +138,21 @@ def extract(revision: str, into: Path) -> Path:
     return into
 
 
+def run_in_tree(script: str, tree: Path, case: dict, folder: Path, what: str) -> dict:
+    """``script --worker CASE`` in a fresh process that imports ``tree``'s ``bayescal``, one
+    torch thread, the case in a file under ``folder`` (its paths are too long for a command
+    line); the worker's last line of output as JSON. A failed worker ends the benchmark with
+    ``what`` and its error."""
+    path = folder / "case.json"
+    path.write_text(json.dumps(case))
+    env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, script, "--worker", str(path)], env=env,
+                          capture_output=True, text=True)
+    if done.returncode:
+        sys.exit(f"{what} failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def run_worker(tree: Path, case: dict) -> dict:
     env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, __file__, "--worker", json.dumps(case)], env=env,

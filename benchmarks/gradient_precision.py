@@ -45,9 +45,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -55,7 +53,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gradient import (MODELS, RESULTS, ROOT, extract, one_gradient, problem,  # noqa: E402
-                      weights, write_results)
+                      run_in_tree, weights, write_results)
 
 BASELINE = "b78c5ca"
 SPECIMENS = 12
@@ -133,16 +131,9 @@ def worker(case: dict) -> dict:
 
 
 def run_worker(tree: Path, case: dict, folder: Path) -> list[dict]:
-    """:func:`worker` in a fresh process that imports ``tree``'s ``bayescal`` (the case
-    goes through a file: the paths are too long for a command line)."""
-    path = folder / "case.json"
-    path.write_text(json.dumps(case))
-    env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, __file__, "--worker", str(path)], env=env,
-                          capture_output=True, text=True)
-    if done.returncode:
-        sys.exit(f"the {case['tree']} worker failed ({case['model']}):\n{done.stderr[-2000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])["results"]
+    """:func:`worker` in a fresh process that imports ``tree``'s ``bayescal``."""
+    return run_in_tree(__file__, tree, case, folder,
+                       f"the {case['tree']} worker ({case['model']})")["results"]
 
 
 def reference_stress(name: str, params: dict, t, e):

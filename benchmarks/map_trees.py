@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -37,7 +36,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gradient import extract  # noqa: E402
+from gradient import extract, run_in_tree  # noqa: E402
 from scale import LOAD, ROOT  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -88,14 +87,8 @@ def worker(case: dict) -> dict:
 
 def run_worker(tree: Path, case: dict, folder: Path) -> dict:
     """:func:`worker` in a fresh process that imports ``tree``'s ``bayescal``."""
-    path = folder / "case.json"
-    path.write_text(json.dumps(case))
-    env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, __file__, "--worker", str(path)], env=env,
-                          capture_output=True, text=True)
-    if done.returncode:
-        sys.exit(f"the {case['tree']} worker failed ({case['name']}):\n{done.stderr[-2000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_in_tree(__file__, tree, case, folder,
+                       f"the {case['tree']} worker ({case['name']})")
 
 
 def largest_difference(a: dict, b: dict) -> float:
