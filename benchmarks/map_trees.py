@@ -12,9 +12,10 @@ alternating over ``--rounds`` rounds with the order swapped every round:
   (imported once, by this tree).
 
 Per fit: the wall time of ``fit(..., method="map")`` (grid planning, the Newton iteration,
-the Hessian at the MAP, the integration check and the output), Newton iterations, solves (calls of ``Hierarchy.solve_stress``) and the log
-joint at the last iterate. Per problem: the time ratio baseline / this tree (median over
-rounds) and the largest relative difference of the two trees' MAP values.
+the Hessian at the MAP, the integration check and the output), Newton iterations, solves
+(calls of ``Hierarchy.solve_stress``) and the log joint at the last iterate. Per problem:
+the time ratio baseline / this tree (median over rounds) and the largest relative
+difference of the two trees' MAP values.
 
 Usage::
 

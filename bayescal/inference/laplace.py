@@ -224,13 +224,13 @@ def fit_map(packing: Packing, state: FitState, config: MAPConfig = MAPConfig(), 
 
     Each iteration solves one batch for the gradient and Hessian and a line search
     (:func:`_line_search`: Newton's step, damped to the trust region (:func:`trust_step`),
-    and shorter ones one at a time until one gains), each started from the trajectory of the point solved before it
-    (:func:`start_near`). Stops when half the Newton decrement is below 1e-3 nats,
-    no step length improves, or what the likelihood sees has settled (no coordinate of
-    :meth:`Packing.likelihood_coordinates` moved by ``SETTLED``): in the non-centered
-    coordinates Newton then still creeps along the valley of the spreads for tens of
-    iterations (see benchmarks/README.md, MAP). Then (non-centered
-    model) the spreads move to their conditional modes (:meth:`Packing.spread_at_specimens`).
+    and shorter ones one at a time until one gains), each started from the trajectory of
+    the point solved before it (:func:`start_near`). Stops when half the Newton decrement
+    is below 1e-3 nats, no step length improves, or what the likelihood sees has settled
+    (no coordinate of :meth:`Packing.likelihood_coordinates` moved by ``SETTLED``): in the
+    non-centered coordinates Newton then still creeps along the valley of the spreads for
+    tens of iterations (see benchmarks/README.md, MAP). Then (non-centered model) the
+    spreads move to their conditional modes (:meth:`Packing.spread_at_specimens`).
     Returns that point (unconstrained) and the inverse floored negative Hessian there.
 
     The iteration continues from ``state`` (``state.u_map`` is the current iterate while
@@ -327,8 +327,9 @@ def trust_step(eigval: torch.Tensor, eigvec: torch.Tensor, grad: torch.Tensor,
     negative curvature), Newton's step there is long. Scaling the whole step down to the
     trust region shortened the well-determined directions with it (a step of 261 cut
     130-fold); damping shortens the flat directions most and leaves the curved ones near
-    Newton's: the MAP of 128 synthetic specimens took 25 iterations instead of 37
-    (benchmarks/README.md, MAP)."""
+    Newton's. With the line search below, the MAP of 128 synthetic specimens took 24
+    Newton iterations instead of 35, of 64 voce-jc specimens 21 instead of 39
+    (benchmarks/README.md, ``map_trees.py``)."""
     projected = eigvec.T @ grad
     step = eigvec @ (projected / eigval)
     if float(step.abs().max()) <= limit:
@@ -351,12 +352,13 @@ BISECTIONS = 50
 def _line_search(packing: Packing, u: torch.Tensor, delta: torch.Tensor, value: float,
                  start: torch.Tensor | None = None
                  ) -> tuple[torch.Tensor | None, float, torch.Tensor | None]:
-    """The step ``delta`` from ``u`` (log joint ``value``; :func:`trust_step`),
-    shortened along :data:`LINE_SEARCH` until it gains, each length also valued with the populations moved
-    to their conditional mode given the specimens' values (:meth:`Packing.spread_at_specimens`
-    with ``joint``, non-centered models); returns the longest length's better point, its
-    gain and its trajectory (:func:`trajectory_of`), or ``(None, 0, None)`` if no length
-    gains. A point whose solve fails, or whose values are not finite, counts as -inf.
+    """The step ``delta`` from ``u`` (log joint ``value``; :func:`trust_step`), shortened
+    along :data:`LINE_SEARCH` until it gains, each length also valued with the populations
+    moved to their conditional mode given the specimens' values
+    (:meth:`Packing.spread_at_specimens` with ``joint``, non-centered models); returns the
+    longest length's better point, its gain and its trajectory (:func:`trajectory_of`), or
+    ``(None, 0, None)`` if no length gains. A point whose solve fails, or whose values are
+    not finite, counts as -inf.
     Newton starts the solves from ``start``, the trajectory at ``u`` (:func:`start_near`).
 
     The moved point has the same specimen values, so the same likelihood: it costs no solve
@@ -364,7 +366,8 @@ def _line_search(packing: Packing, u: torch.Tensor, delta: torch.Tensor, value: 
     fails usually gains at half or a quarter of its length, and a lone point costs about a
     third of the batch of the five shorter lengths that this search solved at once before;
     taking the longest length that gains, not the batch's best, also moved Newton faster
-    (benchmarks/README.md, MAP: 64 specimens in 23 iterations instead of 32).
+    (one-off fits: 64 synthetic specimens in 23 iterations instead of 32, before
+    :func:`trust_step`; benchmarks/README.md, ``map_trees.py``).
     """
     for alpha in LINE_SEARCH:
         candidates = (u + alpha * delta)[None]
