@@ -343,7 +343,7 @@ def check_response(model: Integrable, params: Mapping[str, float], load: CheckLo
                            "its first guess")
     if not isinstance(model, MaterialModel):
         return CheckResult(name, 0.0, TOLERANCES[name], True, f"max |stress| {peak:.4g} MPa")
-    rate, _ = model.rate(states[1:], broadcast_params(model, _tensors(params, load.time),
+    rate, _ = model.rate(states[1:, ..., -model.n_state:], broadcast_params(model, _tensors(params, load.time),
                                                       load.batch, load.time))
     inelastic = int((rate.abs().amax(dim=-1) > 0).sum())
     total = rate.shape[0] * rate.shape[1]

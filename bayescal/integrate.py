@@ -316,14 +316,19 @@ def solve_recorded(model: Integrable, params: Mapping[str, torch.Tensor | float]
                    guess: torch.Tensor | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor, SolveReport]:
     """:func:`integrate` on ``grid``, and the states at its recorded points: returns those
-    ``(n_rec, batch, n_state)``, the end-of-step states ``(step, batch, n_state)`` (a
-    warm start's ``guess`` for the next solve) and the report."""
-    interpolate = grid.theta is not None
-    states, report = integrate(model, params, grid, options, adjoint, guess, stages=interpolate)
-    stage_times = model.stage_times(options.scheme)
-    at_points = recorded_states(grid, states, stage_times)
-    if interpolate:
-        states = states[..., (len(stage_times) - 1) * model.n_state:]
+    ``(n_rec, batch, n_state)``, every stage value ``(step, batch, stages * n_state)`` (a
+    warm start's ``guess`` for the next solve; the end-of-step state is the last
+    ``n_state``) and the report.
+
+    The stage values, not only the end-of-step states: from end-of-step states the stage
+    values are interpolated (:func:`_stage_guess`), which is off where a relaxation curves
+    within a step, and Newton spent iterations on that even at the trajectory's own
+    parameters (the 304L MAP fit's Hessian solves: 5 iterations a chunk)."""
+    states, report = integrate(model, params, grid, options, adjoint, guess, stages=True)
+    if grid.theta is None:
+        at_points = states[grid.recorded][..., -model.n_state:]
+    else:
+        at_points = recorded_states(grid, states, model.stage_times(options.scheme))
     return at_points, states, report
 
 
@@ -580,8 +585,10 @@ def integrate(model: Integrable, params: Mapping[str, torch.Tensor | float], gri
 
     With ``adjoint`` the result is differentiable with respect to ``params`` through pyzag's
     chunked adjoint. Specimens whose solve failed are NaN and listed in the report.
-    ``guess``, a whole trajectory of end-of-step states of the same shape (e.g. the previous
-    optimiser step's), replaces the predictor as Newton's starting point.
+    ``guess``, a whole trajectory (e.g. the previous optimiser step's), replaces the
+    predictor as Newton's starting point (:class:`ShiftedTrajectoryPredictor`): every stage
+    value, as ``stages`` returns them, or end-of-step states, whose stage values are then
+    interpolated (:func:`_stage_guess`).
     """
     batch = grid.time.shape[1]
     options = options.for_batch(batch)
@@ -589,7 +596,7 @@ def integrate(model: Integrable, params: Mapping[str, torch.Tensor | float], gri
     n_stages = model.stages(options.scheme)
     factory = model.factory(p, options.scheme)
     report = SolveReport(failed=torch.zeros(batch, dtype=torch.bool, device=grid.time.device))
-    if guess is not None:
+    if guess is not None and guess.shape[-1] != n_stages * model.n_state:
         guess = _stage_guess(guess, n_stages, options.scheme)
     strain_rate = (path_strain_rate(grid) if isinstance(factory, StrainControlledResidual)
                    else None)

@@ -280,7 +280,11 @@ def test_the_hessian_started_from_the_iterates_trajectory_agrees_in_fewer_iterat
         problem, monkeypatch):
     """The Hessian's points started from the iterate's own trajectory (:func:`start_near`)
     give the gradient and Hessian of a cold start, to the solver's tolerance, in fewer
-    Newton iterations (counted as residual evaluations)."""
+    Newton iterations (counted as residual evaluations). The Hessian is a difference of
+    gradients 1e-4 apart: a solve that stops at ``atol`` (1e-8) gives it an error of about
+    1e-8 / 1e-4 of its scale, and a start as close as the trajectory's own (every stage
+    value) stops there, where a cold start's last Newton step goes far below (1.4e-5 of the
+    largest entry apart; a forward difference's own error is of order 1e-4)."""
     from bayescal.inference.laplace import (gradient_and_hessian, hessian_points, start_near,
                                             trajectory_of)
     from bayescal.material import StrainControlledResidual
@@ -309,7 +313,7 @@ def test_the_hessian_started_from_the_iterates_trajectory_agrees_in_fewer_iterat
     assert value == pytest.approx(cold_value, rel=1e-9)
     torch.testing.assert_close(grad, cold_grad, rtol=1e-8, atol=1e-8 * cold_grad.abs().max())
     torch.testing.assert_close(hessian, cold_hessian, rtol=1e-6,
-                               atol=1e-6 * cold_hessian.abs().max())
+                               atol=5e-5 * cold_hessian.abs().max())
     assert row.shape == trajectory.shape  # the iterate's own share of the batch
 
 
