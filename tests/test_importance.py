@@ -126,7 +126,9 @@ def test_log_ratios_of_the_model_are_the_densities_of_the_packed_vector(laplace_
     draws = posterior_draws(h, latents)
     reused = importance.check_approximation(packing, guide, latents,
                                             log_likelihood=log_likelihood(h, draws).sum(-1))
-    np.testing.assert_allclose(reused.log_ratio, solved.log_ratio, rtol=1e-10, atol=1e-8)
+    # (the draws' solves start from their median's trajectory, the check's cold: they agree
+    # to the solver's tolerance, 1.6e-6 nats at most here)
+    np.testing.assert_allclose(reused.log_ratio, solved.log_ratio, rtol=1e-8, atol=1e-5)
     assert np.ptp(solved.log_ratio) > 0.1  # the draws' ratios differ: a real comparison
 
 
