@@ -343,7 +343,8 @@ def check_response(model: Integrable, params: Mapping[str, float], load: CheckLo
                            "its first guess")
     if not isinstance(model, MaterialModel):
         return CheckResult(name, 0.0, TOLERANCES[name], True, f"max |stress| {peak:.4g} MPa")
-    rate, _ = model.rate(states[1:, ..., -model.n_state:], broadcast_params(model, _tensors(params, load.time),
+    end_states = states[1:, ..., -model.n_state:]  # (solve_recorded gives every stage value)
+    rate, _ = model.rate(end_states, broadcast_params(model, _tensors(params, load.time),
                                                       load.batch, load.time))
     inelastic = int((rate.abs().amax(dim=-1) > 0).sum())
     total = rate.shape[0] * rate.shape[1]
