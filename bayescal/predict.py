@@ -11,7 +11,9 @@ Two kinds of prediction, both with measurement noise unless asked otherwise:
 New specimens come from the population's latent location and scale stored with the
 posterior (``P_pop_loc``, ``P_pop_scale``), so that a posterior from any method (map, svi,
 nuts) works. Draws and paths share one
-batched solve (split into pieces of at most ``max_batch`` paths), never one solve per draw.
+batched solve (split into pieces of at most ``max_batch`` paths), never one solve per draw,
+and Newton starts every draw from the trajectory at the draws' median parameters
+(:func:`centre_trajectory`).
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ from bayescal.distributed import Communicator
 from bayescal.errors import BadInput, InvalidSetting
 from bayescal.export import POPULATION_SUFFIXES, population_names
 from bayescal.hierarchy import Bounded
-from bayescal.integrate import MAX_BATCH, SolverOptions, fixed_substeps, plan_substeps, simulate
+from bayescal.integrate import (MAX_BATCH, Grid, SolverOptions, fixed_substeps, plan_substeps,
+                                refine, solve_recorded)
 
 BAND = (0.05, 0.5, 0.95)
 
@@ -250,6 +253,29 @@ def prediction_substeps(model, options: SolverOptions, parameters: dict[str, tor
                          temperature, load.mask.repeat(1, d)).substeps
 
 
+def _grid(load: Experiments, substeps: torch.Tensor, draws: int) -> Grid:
+    """The integration grid of ``draws`` draws of every path of ``load`` (draw-major)."""
+    temperature = None if load.temperature is None else load.temperature.repeat(1, draws)
+    return refine(load.time.repeat(1, draws), load.strain.repeat(1, draws), substeps,
+                  temperature)
+
+
+def centre_trajectory(model, options: SolverOptions, parameters: dict[str, torch.Tensor],
+                      load: Experiments, substeps: torch.Tensor) -> torch.Tensor | None:
+    """The trajectory of every path of ``load`` at the draws' median parameters
+    (``parameters`` ``(draw, path)``), where Newton starts each draw's solve (moved to its
+    state chunk by chunk, :class:`~bayescal.integrate.ShiftedTrajectoryPredictor`), as a
+    fit's draws do (:func:`bayescal.inference.draws.posterior_draws`); None if it failed.
+    Measured (one-off script, both ways in one process, twice): 500 draws of the 304L set's
+    64 fitted specimens on their own paths 108.7-118.3 s against 137.3-137.5 s from the step
+    predictor; 500 new specimens on 4 paths 1.86-2.03 s against 2.00-2.03 s; the stress the
+    same to 8e-8 MPa."""
+    middle = {k: v.median(dim=0).values for k, v in parameters.items()}
+    _, states, report = solve_recorded(model, middle, _grid(load, substeps, 1), options,
+                                       adjoint=False)
+    return None if report.n_failed else states
+
+
 def propagate(spec: ModelSpec, parameters: dict[str, torch.Tensor], load: Experiments,
               max_batch: int = MAX_BATCH, progress: bool = False,
               comm: Communicator | None = None) -> tuple[torch.Tensor, int]:
@@ -270,16 +296,16 @@ def propagate(spec: ModelSpec, parameters: dict[str, torch.Tensor], load: Experi
     shard = None if comm is None else comm.shard([1.0] * n)
     mine = {k: v if shard is None else v[shard.index] for k, v in full.items()}
     n_mine = next(iter(mine.values())).shape[0]
+    centre = centre_trajectory(model, spec.solver, full, load, substeps)
     pieces = []
     for start in tqdm(range(0, n_mine, per_piece), disable=not progress, desc="predict",
                       unit="batch"):
         d = min(per_piece, n_mine - start)
         params = {k: v[start:start + d].reshape(-1) for k, v in mine.items()}
-        temperature = None if load.temperature is None else load.temperature.repeat(1, d)
-        stress, _ = simulate(model, params, load.time.repeat(1, d), load.strain.repeat(1, d),
-                             spec.solver, adjoint=False, temperature=temperature,
-                             substeps=substeps)
-        pieces.append(stress.T.reshape(d, n_paths, -1))
+        at_points, _, _ = solve_recorded(model, params, _grid(load, substeps, d), spec.solver,
+                                         adjoint=False,
+                                         guess=None if centre is None else centre.repeat(1, d, 1))
+        pieces.append(model.stress(at_points).T.reshape(d, n_paths, -1))
     stress = torch.cat(pieces)
     if shard is not None:
         stress = shard.gather(stress, dim=0)

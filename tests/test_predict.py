@@ -217,3 +217,29 @@ def test_predict_bad_input(capsys, tmp_path, quick_fit):
     status, _, err = run(capsys, "predict", stale, "--load", TWO_RATES, "--card",
                          ROOT / CARD, "--draws", 5, "--no-figures", "--out", out)
     assert status == 0, err
+
+
+def test_draws_started_from_the_median_trajectory_predict_the_cold_stress(quick_fit,
+                                                                           monkeypatch):
+    """Newton starts every draw from the trajectory at the draws' median parameters
+    (``centre_trajectory``): the stress of a cold start to the solver's tolerance, in fewer
+    residual evaluations (the median's own solve not counted)."""
+    import bayescal.predict as prediction
+    from bayescal.material import StrainControlledResidual
+
+    _, idata = quick_fit
+    load = read_load_path(TWO_RATES)
+    evaluations = []
+    evaluate = StrainControlledResidual.evaluate_raw
+    monkeypatch.setattr(StrainControlledResidual, "evaluate_raw", lambda self, *args: (
+        evaluations.append(1), evaluate(self, *args))[1])
+    centre = prediction.centre_trajectory
+    monkeypatch.setattr(prediction, "centre_trajectory", lambda *args: (
+        centre(*args), evaluations.clear())[0])
+    warm = predict(idata, load, draws=40, seed=3, noise=False)
+    warm_n = len(evaluations)
+    evaluations.clear()
+    monkeypatch.setattr(prediction, "centre_trajectory", lambda *args: None)
+    cold = predict(idata, load, draws=40, seed=3, noise=False)
+    assert warm_n < 0.5 * len(evaluations)  # 18 against 163
+    np.testing.assert_allclose(warm.stress.numpy(), cold.stress.numpy(), rtol=0, atol=1e-6)
