@@ -365,7 +365,8 @@ def _line_search(packing: Packing, u: torch.Tensor, delta: torch.Tensor, value: 
     of its own, only its prior. One length a solve, the longest first: a Newton step that
     fails usually gains at half or a quarter of its length, where the batch of the five
     shorter lengths that this search solved at once before cost a solve of five points
-    (in the 64-specimen fit, 18 of 31 line searches needed it: 10.6 s of 31.6 s); taking the longest length that gains, not the batch's best, also moved Newton faster
+    (in the 64-specimen fit, 18 of 31 line searches needed it: 10.6 s of 31.6 s); taking
+    the longest length that gains, not the batch's best, also moved Newton faster
     (one-off fits: 64 synthetic specimens in 23 iterations instead of 32, before
     :func:`trust_step`; benchmarks/README.md, ``map_trees.py``).
     """
