@@ -11,8 +11,8 @@ import torch
 from bayescal.card import load_card
 from bayescal.hierarchy import Hierarchy
 from bayescal.inference.guides import make_guide
-from bayescal.inference.packing import (Packing, from_centered, initial_values, latent_names,
-                                        to_centered, to_centered_jacobian)
+from bayescal.inference.packing import (Packing, congruence, from_centered, initial_values,
+                                        latent_names, to_centered, to_centered_jacobian)
 from bayescal.inference.svi import plateaued
 from bayescal.testing import CARD, synthetic
 
@@ -131,6 +131,29 @@ def test_to_centered_jacobian_is_autograds_column_by_column(problem, names):
         assert expected.count_nonzero() > packing.dim  # more than the identity
         torch.testing.assert_close(to_centered_jacobian(packing, u, names), expected,
                                    rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.parametrize("full", [5, 40])
+def test_congruence_is_the_dense_product(problem, full):
+    """``congruence(J, M)`` is ``J.T @ M @ J``: for a Jacobian diagonal but for ``full``
+    columns (the structured products: 5 of 60; 40 of 60 takes the dense ones), and for the
+    centring map's own Jacobian."""
+    generator = torch.Generator().manual_seed(7)
+    dim = 60
+    jacobian = torch.diag(0.5 + torch.rand(dim, generator=generator, dtype=torch.float64))
+    columns = torch.randperm(dim, generator=generator)[:full]
+    jacobian[:, columns] = torch.randn(dim, full, generator=generator, dtype=torch.float64)
+    matrix = torch.randn(dim, dim, generator=generator, dtype=torch.float64)
+    matrix = matrix + matrix.T
+    expected = jacobian.T @ matrix @ jacobian
+    torch.testing.assert_close(congruence(jacobian, matrix), expected, rtol=0,
+                               atol=1e-13 * float(expected.abs().max()))
+    packing = packing_for(problem)
+    centring = to_centered_jacobian(packing, random_points(packing, 1, seed=8)[0])
+    matrix = matrix[:packing.dim, :packing.dim]
+    expected = centring.T @ matrix @ centring
+    torch.testing.assert_close(congruence(centring, matrix), expected, rtol=0,
+                               atol=1e-13 * float(expected.abs().max()))
 
 
 def test_log_joint_is_prior_plus_likelihood_and_from_centered_inverts(problem):

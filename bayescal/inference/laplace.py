@@ -19,7 +19,7 @@ from torch.distributions import biject_to
 
 from bayescal.hierarchy import Solving
 from bayescal.inference.checkpoints import FitState
-from bayescal.inference.packing import (Packing, from_centered, to_centered,
+from bayescal.inference.packing import (Packing, congruence, from_centered, to_centered,
                                         to_centered_jacobian)
 
 
@@ -149,7 +149,7 @@ def gradient_and_hessian(packing: Packing, u: torch.Tensor, step: float,
                                             is_global.nonzero().flatten(), local)
     if names:
         jacobian = to_centered_jacobian(packing, u, names)
-        neg_hessian = neg_hessian + jacobian.T @ neg_h_w @ jacobian
+        neg_hessian = neg_hessian + congruence(jacobian, neg_h_w)
     else:
         neg_hessian = neg_hessian + neg_h_w
     with torch.no_grad():
