@@ -8,7 +8,8 @@ One solver path serves fit, NUTS, predict, simulate and check:
   recorded points;
 * :func:`integrate` solves ``n_chunk`` steps at a time (:func:`chunk_steps`) with pyzag's
   blocked Newton and, when asked, differentiates with pyzag's chunked adjoint
-  (:func:`pyzag.nonlinear.solve_adjoint`); a chunk that fails (non-convergence or NaN,
+  (:func:`pyzag.nonlinear.solve_adjoint`), whose chunks are longer than Newton's
+  (:func:`adjoint_chunk_steps`); a chunk that fails (non-convergence or NaN,
   which pyzag's Newton counts as converged) is re-solved in halves down to single steps,
   and whatever still fails is reported per specimen and left as NaN, never as zeros;
 * :func:`simulate` returns stress at the recorded points only.
@@ -56,6 +57,9 @@ class SolverOptions:
 
     ``n_chunk`` steps are solved together in one Newton system; by default (``None``) the
     number follows the batch of paths solved together (:func:`chunk_steps`).
+    ``adjoint_chunk`` steps are solved together in the adjoint (no Newton there: a linear
+    block system whatever its length); by default (``None``) also chosen from the batch
+    (:func:`adjoint_chunk_steps`).
 
     ``max_span``: with ``tolerance`` and a scheme of order two or more
     (:data:`MIN_SPAN_ORDER`), a step may span up to this many recorded intervals
@@ -78,6 +82,7 @@ class SolverOptions:
     retry: bool = True
     max_substeps: int = 512
     max_span: int = 8
+    adjoint_chunk: int | None = None
 
     @property
     def automatic(self) -> bool:
@@ -85,10 +90,12 @@ class SolverOptions:
         return self.substeps is None
 
     def for_batch(self, batch: int) -> SolverOptions:
-        """These options with ``n_chunk`` fixed for a solve of ``batch`` paths."""
-        if self.n_chunk is not None:
-            return self
-        return replace(self, n_chunk=chunk_steps(batch))
+        """These options with ``n_chunk`` and ``adjoint_chunk`` fixed for a solve of
+        ``batch`` paths."""
+        n_chunk = chunk_steps(batch) if self.n_chunk is None else self.n_chunk
+        adjoint = (adjoint_chunk_steps(batch, n_chunk) if self.adjoint_chunk is None
+                   else self.adjoint_chunk)
+        return replace(self, n_chunk=n_chunk, adjoint_chunk=adjoint)
 
 
 #: Steps per chunk without a card's ``n_chunk``: ``(most paths, steps)``, the first row
@@ -111,6 +118,27 @@ def chunk_steps(batch: int) -> int:
         if batch <= most:
             return steps
     return SHORTEST_AUTOMATIC_CHUNK
+
+
+#: The adjoint's chunks hold about this many path-steps (steps times paths solved together),
+#: and at least :data:`ADJOINT_MIN_STEPS` steps and the Newton chunk's length.
+ADJOINT_PATH_STEPS = 8192
+ADJOINT_MIN_STEPS = 40
+
+
+def adjoint_chunk_steps(batch: int, n_chunk: int) -> int:
+    """Steps per chunk of the adjoint for a solve of ``batch`` paths whose Newton chunks
+    have ``n_chunk`` steps.
+
+    Newton's chunk length trades torch calls against iterations (:func:`chunk_steps`); the
+    adjoint has no iterations: each chunk is one evaluation of the residual, one
+    vector-Jacobian product and one block substitution, whatever its length, so fewer,
+    longer chunks cost fewer calls. Its limit is memory and cache: a chunk of ``steps x
+    batch`` path-steps holds the residual's autograd graph. The budget and the floor are
+    the fastest measured (``benchmarks/adjoint_chunks.py``; benchmarks/README.md,
+    adjoint chunks).
+    """
+    return max(n_chunk, ADJOINT_MIN_STEPS, ADJOINT_PATH_STEPS // max(batch, 1))
 
 
 @dataclass(frozen=True)
@@ -502,6 +530,7 @@ class _RetryingSolver(nonlinear.RecursiveNonlinearEquationSolver):
         )
         self.retry = options.retry
         self.options = options
+        self.adjoint_steps = options.adjoint_chunk or options.n_chunk
         self.report = report
         self.strain_rate = strain_rate  # (batch,): each path's largest, for the bound
         if strain_rate is not None and options.retry:
@@ -548,6 +577,20 @@ class _RetryingSolver(nonlinear.RecursiveNonlinearEquationSolver):
         self.report.retries += report.retries
         self.report.failed[index] |= report.failed
         return x.index_copy(1, index, sub)
+
+    def rewind(self, output_grad):
+        """pyzag's chunked adjoint, in chunks of ``options.adjoint_chunk`` steps rather
+        than the forward solve's (:func:`adjoint_chunk_steps`). pyzag takes the adjoint's
+        chunks from the solver's step generator; any chunking solves the same linear
+        system (the gradients agree to rounding)."""
+        if len(self.result) < 3:  # pyzag's adjoint needs three points in a chunk
+            return super().rewind(output_grad)
+        newton_chunks = self.step_generator
+        self.step_generator = nonlinear.StepGenerator(self.adjoint_steps)
+        try:
+            return super().rewind(output_grad)
+        finally:
+            self.step_generator = newton_chunks
 
     @staticmethod
     def _halves(solver, prev_solution, restart, forces):

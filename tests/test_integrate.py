@@ -16,6 +16,7 @@ from bayescal.reference import radau_stress
 from bayescal.integrate import (
     Grid,
     SolverOptions,
+    adjoint_chunk_steps,
     chunk_steps,
     integrate,
     integrate_unrolled,
@@ -75,16 +76,20 @@ def _weights(n):
     return torch.linspace(0.5, 1.5, n)[:, None]
 
 
-@functools.lru_cache(maxsize=None)
-def _adjoint_gradient(name):
+def _gradient(name, options):
     """Gradient of sum(w * stress) by the adjoint, on the informative path (10 points/segment)."""
     model, P, cal = get_model(name), GRADIENT_PARAMS[name], CALIBRATED[name]
     t, e = informative_path(10)
     p = {k: torch.tensor(v, requires_grad=k in cal) for k, v in P.items()}
-    stress, report = simulate(model, p, t, e, TIGHT)
+    stress, report = simulate(model, p, t, e, options)
     assert report.n_failed == 0 and torch.isfinite(stress).all()
     (_weights(t.shape[0]) * stress).sum().backward()
     return torch.stack([p[k].grad for k in cal])
+
+
+@functools.lru_cache(maxsize=None)
+def _adjoint_gradient(name):
+    return _gradient(name, TIGHT)
 
 
 @pytest.mark.parametrize("name", list(PARAMS))
@@ -122,6 +127,33 @@ def test_adjoint_gradient_matches_unrolled_autograd(name):
     g_un = torch.stack([p[k].grad for k in cal])
     rel = ((g_un - g_adj).abs() / g_adj.abs()).max().item()
     assert rel <= 1e-8, rel
+
+
+@pytest.mark.parametrize("name", ["perzyna-voce", "voce-jc"])
+def test_the_adjoint_in_chunks_of_any_length_gives_the_same_gradient(name, monkeypatch):
+    """The adjoint is a linear block system: in the Newton chunks' 10 steps, in chunks of 7
+    or in one chunk, the gradient agrees to rounding; pyzag is given the asked length."""
+    from pyzag import nonlinear
+
+    chunks = []
+    generator = nonlinear.StepGenerator
+    monkeypatch.setattr(nonlinear, "StepGenerator",
+                        lambda block, **kw: chunks.append(block) or generator(block, **kw))
+    newton, seven, whole = (_gradient(name, replace(TIGHT, adjoint_chunk=k))
+                            for k in (10, 7, 10**6))
+    assert chunks == [10, 10, 10, 7, 10, 10**6]  # (forward, adjoint) for each solve
+    for other in (seven, whole):
+        assert ((other - newton).abs() / newton.abs()).max().item() <= 1e-12
+
+
+@pytest.mark.parametrize("batch, n_chunk, steps", [(1, 20, 8192), (64, 20, 128), (256, 10, 40),
+                                                    (1024, 5, 40), (16, 400, 512),
+                                                    (10, 400, 819)])
+def test_the_adjoint_chunk_follows_the_batch_and_an_explicit_value_wins(batch, n_chunk, steps):
+    assert adjoint_chunk_steps(batch, n_chunk) == steps
+    automatic = SolverOptions(n_chunk=None if n_chunk == chunk_steps(batch) else n_chunk)
+    assert automatic.for_batch(batch).adjoint_chunk == steps
+    assert SolverOptions(adjoint_chunk=7).for_batch(batch).adjoint_chunk == 7
 
 
 # --------------------------------------------------------------------------------------------
