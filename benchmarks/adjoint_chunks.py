@@ -28,8 +28,6 @@ Writes ``benchmarks/results/adjoint_chunks.json`` (``--out``).
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import sys
 import time
 from dataclasses import replace
@@ -38,6 +36,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from chunks import write_rows  # noqa: E402
 from gradient import MODELS, RESULTS, one_gradient, plan, problem, weights  # noqa: E402
 
 from bayescal.integrate import adjoint_chunk_steps, chunk_steps, refine  # noqa: E402
@@ -112,11 +111,7 @@ def main() -> None:
                   f"{row['newton_over_auto']:11.2f}  {row['auto_over_fastest']:12.2f}  "
                   f"{row['lengths']['auto']:10d}  {row['gradient_max_rel_diff']:13.1e}",
                   flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({
-        "machine": f"{platform.machine()}, torch {torch.__version__}, 1 thread",
-        "rounds": args.rounds, "rows": rows}, indent=1) + "\n")
-    print(f"\nwrote {args.out}")
+    write_rows(args.out, args.rounds, rows)
 
 
 if __name__ == "__main__":

@@ -63,6 +63,15 @@ def measure(name: str, batch: int, chunks: list[int], rounds: int) -> dict:
             "best_s": {str(n): s for n, s in best.items()}, "gradient_max_rel_diff": spread}
 
 
+def write_rows(out: Path, rounds: int, rows: list[dict]) -> None:
+    """``rows`` as JSON at ``out``, with the machine and the number of rounds."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({
+        "machine": f"{platform.machine()}, torch {torch.__version__}, 1 thread",
+        "rounds": rounds, "rows": rows}, indent=1) + "\n")
+    print(f"\nwrote {out}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS))
@@ -93,11 +102,7 @@ def main() -> None:
             print(f"{name:13s}{batch:6d}{row['steps']:6d}{cells}  {fastest:7d}  {auto:4d}  "
                   f"{row['automatic_over_fastest']:12.2f}  {row['twenty_over_automatic']:7.2f}",
                   flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({
-        "machine": f"{platform.machine()}, torch {torch.__version__}, 1 thread",
-        "rounds": args.rounds, "rows": rows}, indent=1) + "\n")
-    print(f"\nwrote {args.out}")
+    write_rows(args.out, args.rounds, rows)
 
 
 if __name__ == "__main__":
