@@ -29,14 +29,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from chunks import write_rows  # noqa: E402
+from chunks import time_in_turns, write_rows  # noqa: E402
 from gradient import MODELS, RESULTS, one_gradient, plan, problem, weights  # noqa: E402
 
 from bayescal.integrate import adjoint_chunk_steps, chunk_steps, refine  # noqa: E402
@@ -65,19 +64,7 @@ def measure(name: str, batch: int, lengths: list[int], rounds: int) -> dict:
         _, grad = one_gradient(spec, model, params, grid, w, options)
         return torch.cat([g.flatten() for g in grad.values()])
 
-    reference = gradient("newton")
-    spread = 0.0
-    for label in labels:
-        g = gradient(label)  # warm-up, and the gradient's agreement
-        spread = max(spread, float(((g - reference).abs()
-                                    / reference.abs().clamp_min(1e-300)).max()))
-    best = {label: float("inf") for label in labels}
-    order = list(labels)
-    for r in range(rounds):
-        for label in (order if r % 2 == 0 else order[::-1]):
-            start = time.perf_counter()
-            gradient(label)
-            best[label] = min(best[label], time.perf_counter() - start)
+    best, spread = time_in_turns(gradient, list(labels), rounds)  # "newton" first
     fastest = min(best, key=best.get)
     return {"model": name, "batch": batch, "steps": grid.n_steps - 1,
             "lengths": labels, "best_s": best, "fastest": fastest,

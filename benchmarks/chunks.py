@@ -37,6 +37,25 @@ from gradient import MODELS, RESULTS, one_gradient, plan, problem, weights  # no
 from bayescal.integrate import chunk_steps, refine  # noqa: E402
 
 
+def time_in_turns(gradient, settings: list, rounds: int) -> tuple[dict, float]:
+    """Best time of ``gradient(setting)`` (a flat gradient) per setting, the settings taking
+    turns ``rounds`` times (the order reversed every other round) after one warm-up each;
+    and the gradients' largest relative difference from the first setting's."""
+    reference = gradient(settings[0])
+    spread = 0.0
+    for setting in settings:
+        g = gradient(setting)  # warm-up, and the gradient's agreement
+        spread = max(spread, float(((g - reference).abs()
+                                    / reference.abs().clamp_min(1e-300)).max()))
+    best = {setting: float("inf") for setting in settings}
+    for r in range(rounds):
+        for setting in (settings if r % 2 == 0 else settings[::-1]):
+            start = time.perf_counter()
+            gradient(setting)
+            best[setting] = min(best[setting], time.perf_counter() - start)
+    return best, spread
+
+
 def measure(name: str, batch: int, chunks: list[int], rounds: int) -> dict:
     """Best gradient time per chunk length, and the gradients' largest relative spread."""
     spec, model, params, t, e = problem(name, batch)
@@ -47,18 +66,7 @@ def measure(name: str, batch: int, chunks: list[int], rounds: int) -> dict:
         _, grad = one_gradient(spec, model, params, grid, w, replace(spec.solver, n_chunk=n_chunk))
         return torch.cat([g.flatten() for g in grad.values()])
 
-    reference = gradient(chunks[0])
-    spread = 0.0
-    for n in chunks:
-        g = gradient(n)  # warm-up, and the gradient's agreement
-        spread = max(spread, float(((g - reference).abs()
-                                    / reference.abs().clamp_min(1e-300)).max()))
-    best = {n: float("inf") for n in chunks}
-    for r in range(rounds):
-        for n in (chunks if r % 2 == 0 else chunks[::-1]):
-            start = time.perf_counter()
-            gradient(n)
-            best[n] = min(best[n], time.perf_counter() - start)
+    best, spread = time_in_turns(gradient, chunks, rounds)
     return {"model": name, "batch": batch, "steps": grid.n_steps - 1,
             "best_s": {str(n): s for n, s in best.items()}, "gradient_max_rel_diff": spread}
 
