@@ -100,7 +100,7 @@ class SolverOptions:
 
 #: Steps per chunk without a card's ``n_chunk``: ``(most paths, steps)``, the first row
 #: that admits the batch; larger batches take :data:`SHORTEST_AUTOMATIC_CHUNK`.
-AUTOMATIC_CHUNKS = ((2, 80), (8, 40), (127, 20), (511, 10))
+AUTOMATIC_CHUNKS = ((127, 20), (511, 10))
 SHORTEST_AUTOMATIC_CHUNK = 5
 
 
@@ -111,9 +111,8 @@ def chunk_steps(batch: int) -> int:
     per element, and there a long chunk loses: Newton on a chunk carries each step's error
     into the next, so it needs more iterations than on a short one, and on a stiff flow
     rule (voce-jc) more chunks fail and are re-solved in halves. The rows are the fastest
-    chunk lengths measured for the built-in models from 1 to 1024 paths
-    (``benchmarks/chunks.py``; benchmarks/README.md, chunks): a handful of paths is a
-    small test campaign's line search or a single specimen's check.
+    chunk lengths measured for the built-in models from 12 to 1024 paths
+    (``benchmarks/chunks.py``; benchmarks/README.md, chunks).
     """
     for most, steps in AUTOMATIC_CHUNKS:
         if batch <= most:
