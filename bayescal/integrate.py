@@ -530,7 +530,6 @@ class _RetryingSolver(nonlinear.RecursiveNonlinearEquationSolver):
         )
         self.retry = options.retry
         self.options = options
-        self.adjoint_steps = options.adjoint_chunk or options.n_chunk
         self.report = report
         self.strain_rate = strain_rate  # (batch,): each path's largest, for the bound
         if strain_rate is not None and options.retry:
@@ -586,7 +585,8 @@ class _RetryingSolver(nonlinear.RecursiveNonlinearEquationSolver):
         if len(self.result) < 3:  # pyzag's adjoint needs three points in a chunk
             return super().rewind(output_grad)
         newton_chunks = self.step_generator
-        self.step_generator = nonlinear.StepGenerator(self.adjoint_steps)
+        self.step_generator = nonlinear.StepGenerator(self.options.adjoint_chunk
+                                                      or self.options.n_chunk)
         try:
             return super().rewind(output_grad)
         finally:

@@ -19,7 +19,7 @@ the previous behaviour) and ``auto/fastest``; the gradients of all settings agre
 
 Usage::
 
-    PYTHONPATH=. python benchmarks/adjoint_chunks.py                  # ~6 min on 2 cores
+    PYTHONPATH=. python benchmarks/adjoint_chunks.py                  # ~3.5 min on 2 cores
     PYTHONPATH=. python benchmarks/adjoint_chunks.py --models voce-jc --batches 1 64
 
 Writes ``benchmarks/results/adjoint_chunks.json`` (``--out``).
