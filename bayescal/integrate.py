@@ -579,14 +579,14 @@ class _RetryingSolver(nonlinear.RecursiveNonlinearEquationSolver):
 
     def rewind(self, output_grad):
         """pyzag's chunked adjoint, in chunks of ``options.adjoint_chunk`` steps rather
-        than the forward solve's (:func:`adjoint_chunk_steps`). pyzag takes the adjoint's
-        chunks from the solver's step generator; any chunking solves the same linear
-        system (the gradients agree to rounding)."""
+        than the forward solve's (:func:`adjoint_chunk_steps`; set, like ``n_chunk``, by
+        :meth:`SolverOptions.for_batch` before the solver is made). pyzag takes the
+        adjoint's chunks from the solver's step generator; any chunking solves the same
+        linear system (the gradients agree to rounding)."""
         if len(self.result) < 3:  # pyzag's adjoint needs three points in a chunk
             return super().rewind(output_grad)
         newton_chunks = self.step_generator
-        self.step_generator = nonlinear.StepGenerator(self.options.adjoint_chunk
-                                                      or self.options.n_chunk)
+        self.step_generator = nonlinear.StepGenerator(self.options.adjoint_chunk)
         try:
             return super().rewind(output_grad)
         finally:
